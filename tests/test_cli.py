@@ -74,3 +74,44 @@ def test_feature_import_middlebury(tmp_path, realdata):
 def test_exception_import_missing_source(tmp_path):
     r = run("data", "import", "strecha", tmp_path / "nope", "--out", tmp_path / "o")
     assert r.returncode == 1 and "source folder not found" in r.stderr and not (tmp_path / "o").exists()
+
+@pytest.fixture(scope="module")
+def scene_with_outputs(tmp_path_factory):
+    "A synthetic scene plus 'network outputs' = GT depth with 1 % noise, in the MVSNet output layout."
+    from mvsnb.io import read_pfm, write_pfm
+    root = tmp_path_factory.mktemp("cli")
+    scene = root / "scene"
+    assert run("synth", "--out", scene, "--views", 4, "--height", 48, "--width", 64).returncode == 0
+    rng = np.random.default_rng(0)
+    for p in sorted((scene / "gt" / "depth").glob("*.pfm")):
+        d = read_pfm(p); noisy = d * (1 + 0.01 * rng.standard_normal(d.shape)).astype(np.float32)
+        write_pfm(root / "out" / "depth_est" / p.name, np.where(d > 0, noisy, 0).astype(np.float32))
+        write_pfm(root / "out" / "confidence" / p.name, np.full_like(d, 0.9))
+    return root, scene, root / "out"
+
+def test_feature_check_fuse_labels_eval_chain(scene_with_outputs):
+    root, scene, out = scene_with_outputs
+    r = run("check", "--scene", scene, "--depth-dir", out, "--out", root / "checked", "--min-views", 1)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((root / "checked" / "summary.json").read_text())
+    assert len(list((root / "checked" / "checked_depth").glob("*.pfm"))) == 4 and summary
+    r = run("fuse", "--scene", scene, "--depth-dir", out, "--out", root / "cloud.ply", "--min-views", 1)
+    assert r.returncode == 0, r.stderr
+    r = run("eval", "--pred", root / "cloud.ply", "--scene", scene)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((root / "cloud.metrics.json").read_text())
+    assert 0 <= m["accuracy"] < 0.2 * (m.get("max_dist") or 1e9)
+    for method in ("kd", "spsr"):
+        r = run("labels", "--scene", scene, "--depth-dir", out, "--out", root / f"labels_{method}", "--method", method, "--min-views", 1)
+        assert r.returncode == 0, r.stderr
+        assert (root / f"labels_{method}" / "manifest.json").exists()
+        assert len(list((root / f"labels_{method}" / "depth").glob("*.pfm"))) == 4
+
+def test_exception_run_rejects_unknown_parameter(tmp_path):
+    nb = Path(__file__).resolve().parents[1] / "nbs" / "pipelines" / "00_synthetic_scene.ipynb"
+    r = run("run", nb, "--run-dir", tmp_path / "r", "-p", "veiws", "3")
+    assert r.returncode == 1 and "veiws" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+def test_exception_eval_missing_prediction(tmp_path):
+    r = run("eval", "--pred", tmp_path / "none.ply", "--scene", tmp_path)
+    assert r.returncode == 1 and "prediction not found" in r.stderr

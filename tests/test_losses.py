@@ -8,7 +8,7 @@ from mvsnb.core import InputError, ShapeError
 from mvsnb.losses.photometric import (masked_mean, image_gradients, reconstruction_error, topk_views, photometric_loss,
                                       ssim, ssim_loss, warp_sources, PhotometricLoss, SSIMLoss)
 from mvsnb.losses.smoothness import edge_weights, smoothness_loss, SmoothnessLoss
-from mvsnb.losses.featuremetric import featuremetric_error, featuremetric_loss, aleatoric_loss
+from mvsnb.losses.featuremetric import featuremetric_error, featuremetric_loss, aleatoric_loss, FeaturemetricLoss
 from mvsnb.losses.synthesis import (VGG16Features, load_vgg16_features, perceptual_loss, synthesis_loss,
                                     SynthesisWeights, SynthesisLoss, synthesize_from_probability)
 from mvsnb.losses.unsup import (LossWeights, UnsupLossConfig, UNSUP_PRESETS, unsup_config, unsup_loss, UnsupLoss,
@@ -335,6 +335,7 @@ def test_modules_match_functions():
     assert SSIMLoss(padding="reflect")(w[:, 0], ref) == ssim_loss(w[:, 0], ref, padding="reflect")
     d = torch.rand(1, 1, 5, 6) + 2
     assert SmoothnessLoss(order=2, clamp=0.1)(d, ref) == smoothness_loss(d, ref, order=2, clamp=0.1)
+    assert FeaturemetricLoss(top_k=2)(w, ref, v) == featuremetric_loss(w, ref, v, top_k=2)
 
 # ------------------------------------------------------------------------------------------------- presets
 def test_feature_presets_cite_the_published_values():
@@ -486,3 +487,22 @@ def test_feature_probability_synthesis_prefers_true_distribution(scene):
         return synthesis_loss(synth, valid, b["images"][:, 0], (prob * hyps).sum(1, keepdim=True))[0]
     l_true = loss(sharp(b["depth"]))
     assert l_true < loss(sharp(b["depth"] * 1.05)) and l_true < loss(torch.full_like(hyps, 1 / 24))
+
+@pytest.mark.cuda
+def test_cuda_presets_match_cpu():
+    synthetic = pytest.importorskip("mvsnb.synthetic")
+    sc = synthetic.make_scene(height=32, width=40, scale=100.0)
+    b = sc.mvs_batch(ref=0)
+    torch.manual_seed(0)
+    feats = torch.rand(1, 5, 4, 32, 40)
+    for name in UNSUP_PRESETS:
+        res = {}
+        for dev in ("cpu", "cuda"):
+            torch.manual_seed(1)
+            loss_fn = build_unsup_loss(name, {"sup_views": 4}).to(dev)
+            bd = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in b.items()}
+            out = oracle_outputs(bd["depth"], bd["K"], sc.depth_min, sc.depth_max, features=feats.to(dev))
+            total, _ = loss_fn(out, bd)
+            assert total.device.type == dev
+            res[dev] = total.item()
+        assert res["cuda"] == pytest.approx(res["cpu"], rel=1e-3, abs=1e-4), name

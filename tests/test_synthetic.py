@@ -14,8 +14,16 @@ from mvsnb.core import sample_image, InputError
 pytestmark = pytest.mark.open3d
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    "Tiny tensors: on a shared 2-core machine torch's thread hand-offs cost far more than they save."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def scene():
+def scene(one_thread):
     return S.make_scene(views=5, height=64, width=80, seed=0)
 
 

@@ -66,7 +66,7 @@ def test_smoke_checkpoint_round_trip_weights_only(tmp_path):
     p = save_checkpoint(tmp_path / "c.pt", m, cfg, opt, sched, step=5, epoch=2, metrics={"holdout_photo": 0.1})
     ck = torch.load(p, weights_only=True)  # the point: no pickled classes
     assert ck["step"] == 5 and ck["epoch"] == 2 and ck["model_name"] == "toy"
-    assert ck["model_config"] == {"channels": 6, "num_depth": 16}
+    assert ck["model_config"] == {"channels": 6, "num_depth": 16, "dropout": 0.0}
     assert ck["config"] == json.loads(json.dumps(dataclasses.asdict(cfg)))
     assert {"torch", "numpy", "python"} <= set(ck["rng"]) and ck["versions"]["format"] == T.CKPT_FORMAT
     assert not list(tmp_path.glob(".c.pt*"))  # no temp file left behind
@@ -101,7 +101,8 @@ def test_exception_checkpoint_truncated_names_file(tmp_path):
 def test_feature_resume_equals_uninterrupted(tmp_path):
     "Run N steps; run N/2, crash, resume to N: same weights, same log rows (CPU, deterministic)."
     data, val = plane_pair_dataset(3), plane_pair_dataset(2, views=3, seed=1)  # 3 items: epochs of 3 steps
-    full = train(toy_cfg(tmp_path / "full", steps=10, ckpt_every=5, val_every=5), data, val)
+    drop = {"dropout": 0.2}  # training draws from the global RNG: resume must restore it
+    full = train(toy_cfg(tmp_path / "full", steps=10, ckpt_every=5, val_every=5, model_overrides=drop), data, val)
 
     class Crash(Exception): pass
     calls = [0]
@@ -109,19 +110,19 @@ def test_feature_resume_equals_uninterrupted(tmp_path):
         calls[0] += 1
         if calls[0] > 5: raise Crash
         return toy_photometric_loss(out, batch)
-    cfg = toy_cfg(tmp_path / "cut", steps=10, ckpt_every=5, val_every=5)
+    cfg = toy_cfg(tmp_path / "cut", steps=10, ckpt_every=5, val_every=5, model_overrides=drop)
     with pytest.raises(Crash): train(cfg, data, val, loss_fn=crash_after_5)  # dies mid-epoch (step 6 of 10)
     assert read_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == 5
     with pytest.raises(InputError, match="resume=True"): train(cfg, data, val)  # refuses to clobber
     resumed = train(dataclasses.replace(cfg, resume=True), data, val)
     assert resumed.step == 10
     same_weights(full.model, resumed.model)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "sec"} for r in rows]
-    assert drop(resumed.history) == drop(full.history)
+    nosec = lambda rows: [{k: v for k, v in r.items() if k != "sec"} for r in rows]
+    assert nosec(resumed.history) == nosec(full.history)
     logged = [json.loads(l) for l in (tmp_path / "cut/log.jsonl").read_text().splitlines()]
-    assert drop(logged) == drop(full.history)  # the rows of the crashed tail were not duplicated
+    assert nosec(logged) == nosec(full.history)  # the rows of the crashed tail were not duplicated
     # a different seed gives different weights (the comparison above can fail)
-    other = train(toy_cfg(tmp_path / "other", steps=10, seed=1, ckpt_every=5, val_every=0), data)
+    other = train(toy_cfg(tmp_path / "other", steps=10, seed=1, ckpt_every=5, val_every=0, model_overrides=drop), data)
     with pytest.raises(AssertionError): same_weights(full.model, other.model)
 
 
@@ -179,6 +180,30 @@ def test_feature_validation_metrics_against_loop_reference():
                 tot += float((s - img[0, :, i, j]).abs().mean()); n += 1
     assert h["holdout_valid"] == pytest.approx(n / 80)
     assert h["holdout_photo"] == pytest.approx(tot / n, rel=1e-4)
+
+
+def test_feature_validate_holdout_switch():
+    "validate holds out the last view by default (V >= 3) and none with val_holdout_view=0."
+    val = plane_pair_dataset(2, views=3)
+    seen = []
+    class Spy(ToyMVSNet):
+        def forward(self, images, *a):
+            seen.append(images.shape[1]); return super().forward(images, *a)
+    m = Spy()
+    with_hold = T.validate(m, val, train_config("tiny_cpu"))
+    no_hold = T.validate(m, val, train_config("tiny_cpu", val_holdout_view=0))
+    assert "holdout_photo" in with_hold and "holdout_photo" not in no_hold and "mae" in no_hold
+    assert seen == [2, 2, 3, 3]  # two samples: the network saw V-1 views, then all V
+
+
+@pytest.mark.cuda
+def test_smoke_cuda_amp(tmp_path):
+    "AMP (float16 + GradScaler, and bfloat16) on a GPU: finite losses, checkpoint with the scaler state."
+    for dt in ("float16", "bfloat16"):
+        res = train(toy_cfg(tmp_path / dt, device="cuda", amp=True, amp_dtype=dt, steps=4, val_every=0), plane_pair_dataset(2))
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history if r["kind"] == "train")
+        ck = read_checkpoint(tmp_path / dt / "checkpoints/last.pt")
+        assert ("scaler" in ck) == (dt == "float16")
 
 
 # ---------------------------------------------------------------- a real model and loss on the synthetic scene
