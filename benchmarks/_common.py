@@ -198,9 +198,10 @@ class Bench:
         self.bounds = None
 
     # -- measurement
-    def measure(self, fn, repeats: int|None=None, warmup: int=1, setup=None, max_warm_s: float=2.0) -> dict:
+    def measure(self, fn, repeats: int|None=None, warmup: int=1, setup=None, max_warm_s: float=0.25) -> dict:
         """Run `fn()` (after `setup()` each time when given, untimed): warm-up calls, then `repeats` timed ones.
-        A warm-up call slower than `max_warm_s` counts as the first timed repeat (the big cases stay affordable)."""
+        A warm-up call slower than `max_warm_s` counts as the first timed repeat (the big cases stay affordable; on
+        the CPU nothing is cached between calls, so the first call is representative)."""
         import torch
         repeats = repeats or self.args.repeats
         cuda = self.device.startswith("cuda")
@@ -237,10 +238,11 @@ class Bench:
         if med:
             if row.get("work") is not None: row["throughput"] = row["work"] / med
             b = self.hw()
-            if row.get("bytes"):
+            if not b: pass  # the probe itself: no bound yet
+            elif row.get("bytes"):
                 row["gbps"] = row["bytes"] / med / 1e9
                 row["bw_frac"] = row["gbps"] / b["bandwidth_gbps"]
-            if row.get("flops"):
+            if b and row.get("flops"):
                 row["gflops"] = row["flops"] / med / 1e9
                 row["flop_frac"] = row["gflops"] / b["gflops"]
         self.rows.append(row)
@@ -294,8 +296,18 @@ class Bench:
         return "no reset possible: cases run in fresh processes"
 
 
+_LIBC = None
+
+
 def gc_collect():
+    "Free what Python and glibc hold: garbage, then `malloc_trim(0)`, so that a case's pages count as its own."
+    global _LIBC
     import gc; gc.collect()
+    if _LIBC is None:
+        try:
+            import ctypes; _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError: _LIBC = False
+    if _LIBC: _LIBC.malloc_trim(0)
 
 
 def _cell(row, key, fmt) -> str:
@@ -373,7 +385,7 @@ def case_worker(bench: Bench, run_case):
     print(json.dumps(_json_safe(bench.rows)))
 
 
-def main(name: str, doc: str, make_cases, run_case, report, repeats: int=3, argv=None, extra_args=None):
+def main(name: str, doc: str, make_cases, run_case, report, repeats: int=3, argv=None, extra_args=None, bounds: bool=True):
     """Standard `main` of a benchmark script: parse, print the machine, run the cases, `report(bench)` prints tables
     and returns (summary, notes, extra) for the JSON."""
     ap = parser(doc, repeats)
@@ -383,8 +395,10 @@ def main(name: str, doc: str, make_cases, run_case, report, repeats: int=3, argv
     bench = Bench(name, args, doc.strip().split("\n")[0])
     if args.case is not None: return case_worker(bench, run_case)
     print_machine(bench.machine, f"{name}: {bench.describe}")
-    b = bench.hw()
-    print(f"   hardware bounds ({b['source']}): copy {b['bandwidth_gbps']:.1f} GB/s, matmul {b['gflops']:.1f} GFLOP/s", flush=True)
+    if bounds:
+        b = bench.hw()
+        print(f"   hardware bounds ({b['source']}): copy {b['bandwidth_gbps']:.1f} GB/s, matmul {b['gflops']:.1f} GFLOP/s", flush=True)
+    else: bench.bounds = {}
     cases = make_cases(args, bench.device)
     run_cases(bench, cases, run_case)
     summary, notes, extra = report(bench)

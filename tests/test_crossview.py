@@ -176,7 +176,7 @@ def test_feature_gt_passes_perturbed_fails(scene):
     assert 0.0005 < rel.median() < 0.004
 
 
-@pytest.mark.parametrize("src_chunk,max_px", [(1, 10 ** 9), (None, 64), (3, 3 * 64 * 7), (2, 1)])
+@pytest.mark.parametrize("src_chunk,max_px", [(1, 10 ** 9), (None, 4 * 64), (3, 3 * 450), (2, 2 * 97)])
 def test_feature_chunked_equals_unchunked(tiny, scene, src_chunk, max_px):
     g = torch.Generator().manual_seed(1)
     d = scene.depth * (1 + 0.004 * torch.randn(scene.depth.shape, generator=g))
@@ -186,6 +186,11 @@ def test_feature_chunked_equals_unchunked(tiny, scene, src_chunk, max_px):
     assert torch.equal(full.mask, ch.mask) and torch.equal(full.count, ch.count)
     torch.testing.assert_close(ch.depth, full.depth, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ch.sigma, full.sigma, rtol=1e-4, atol=1e-6)
+    if src_chunk == 1:  # skipping low-confidence pixels only saves work: same decisions, counts where checked
+        ns = cross_view_check(d, conf, scene.K, scene.w2c, scene.pairs, CrossViewConfig(tau_conf=0.2, skip_low_conf=False))
+        assert torch.equal(ns.mask, full.mask) and torch.equal(ns.depth, full.depth)
+        hi = conf > 0.2
+        assert torch.equal(ns.count[hi], full.count[hi]) and (full.count[~hi] == 0).all() and (ns.count[~hi] > 0).any()
 
 
 def test_feature_num_src_and_presets(scene):
@@ -210,6 +215,9 @@ def test_feature_check_view_matches_batched(tiny):
     v = 1; ids = [s for s, _ in dict(sc.pairs)[v]]
     one = check_view(d[v:v + 1], conf[v:v + 1], sc.K[v], sc.w2c[v], d[ids], sc.K[ids], sc.w2c[ids], cfg)
     assert torch.equal(one["mask"], res.mask[v:v + 1]) and torch.equal(one["depth"], res.depth[v:v + 1])
+    sub = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg, views=[v])  # only view 1; the others empty
+    assert torch.equal(sub.mask[v], res.mask[v]) and not sub.mask[[0, 2]].any() and sub.kept_fraction[0] == 0
+    with pytest.raises(InputError, match=r"\[views\]"): cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg, views=[3])
 
 
 # ---------------------------------------------------------------- bad input

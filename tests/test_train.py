@@ -261,3 +261,16 @@ def test_feature_ddp_gloo_two_processes(tmp_path):
     # each rank saw half of every epoch: the result differs from a single process on the same data
     single = train(toy_cfg(tmp_path / "single", steps=6, ckpt_every=3, val_every=0, log_every=1), plane_pair_dataset(4))
     assert any(not torch.equal(single.model.state_dict()[k], w0[k]) for k in w0)
+
+
+def test_feature_kd_teacher_loss_trains_with_features_and_log_variance(tmp_path):
+    "The KD-MVS teacher loss needs the model's features and log-variance head; the loop must supply them."
+    from mvsnb.synthetic import make_scene
+    from mvsnb.data import SceneDataset
+    from mvsnb.train import train_config, train
+    scene = make_scene(views=4, height=32, width=40)
+    cfg = train_config("tiny_cpu", model="cascade", loss="kd_teacher", steps=2, run_dir=str(tmp_path / "run"),
+                       model_overrides={"uncertainty": True})
+    res = train(cfg, SceneDataset(scene, num_views=4))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any("feat" in k for r in rows for k in r), rows[:1]
