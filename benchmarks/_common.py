@@ -21,7 +21,7 @@ Every `bench_*.py` script written on top of this module has the same shape and c
   (CPU model, cores, torch threads, GPU, load average before and after, `uptime`).
 """
 from __future__ import annotations
-import argparse, json, os, platform, resource, socket, statistics, subprocess, sys, time
+import argparse, json, os, platform, resource, socket, statistics, subprocess, sys, textwrap, time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -81,7 +81,7 @@ def _mem_total_gb() -> float|None:
 
 def print_machine(info: dict, title: str):
     gpu = f", GPU {info['gpu']['name']} ({info['gpu']['memory_gb']} GB)" if info.get("gpu") else ", no GPU used"
-    print(f"== {title}")
+    print(f"== {textwrap.shorten(title, 200)}")
     print(f"   CPU {info['cpu_model']}, {info['cores']} cores ({info['cores_usable']} usable), torch {info['torch']} on "
           f"{info['torch_threads']} thread(s){gpu}; device {info['device']}")
     print(f"   load average {' '.join(f'{x:.2f}' for x in info['loadavg'])}  ({info['uptime']})", flush=True)
@@ -175,7 +175,7 @@ def hardware_bounds(device: str="cpu") -> dict:
             if b and d["machine"]["host"] == socket.gethostname() and b.get("torch_threads") == torch.get_num_threads():
                 return dict(b, source=str(p.relative_to(ROOT)))
         except (ValueError, KeyError): pass
-    b = dict(probe_bandwidth(device, mb=128, repeats=3), **probe_flops(device, n=1024 if device == "cpu" else 4096, repeats=3))
+    b = dict(probe_bandwidth(device, mb=64, repeats=3), **probe_flops(device, n=512 if device == "cpu" else 4096, repeats=3))
     return dict(b, torch_threads=torch.get_num_threads(), source="quick in-process probe")
 
 
@@ -205,6 +205,7 @@ class Bench:
         import torch
         repeats = repeats or self.args.repeats
         cuda = self.device.startswith("cuda")
+        self.last_output = None  # the previous measurement's result is not kept alive through this one
         gc_collect()
         if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); gpu0 = torch.cuda.memory_allocated()
         rss0 = rss_mb(); reset = reset_peak_rss() if self.reset_ok else False
@@ -272,7 +273,7 @@ class Bench:
         rows = self.rows if rows is None else rows
         if title: print(f"\n{title}")
         cells = [[_cell(r, key, fmt) for _, key, fmt in columns] for r in rows]
-        widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (h, _, _) in enumerate(columns)]
+        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (h, _, _) in enumerate(columns)]
         print("  ".join(h.rjust(w) for (h, _, _), w in zip(columns, widths)))
         for c in cells: print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
         sys.stdout.flush()
@@ -359,7 +360,8 @@ def run_cases(bench: Bench, cases: list[dict], run_case) -> list[dict]:
             new = _run_isolated(bench, spec)
             bench.rows.extend(new)
         print(f"   {label}: {time.perf_counter() - t:.1f} s  " +
-              "; ".join(f"{r.get('impl', '')} {r.get('op', '')} {r['median_s']:.4g} s".replace("  ", " ") for r in new), flush=True)
+              "; ".join(f"{r.get('impl', '')} {r.get('op', '')} {r['median_s']:.4g} s".replace("  ", " ")
+                        for r in new if r.get("median_s") is not None), flush=True)
     return bench.rows
 
 
@@ -392,7 +394,7 @@ def main(name: str, doc: str, make_cases, run_case, report, repeats: int=3, argv
     if extra_args: extra_args(ap)
     args = ap.parse_args(argv)
     if args.smoke: args.repeats = 1
-    bench = Bench(name, args, doc.strip().split("\n")[0])
+    bench = Bench(name, args, " ".join(doc.strip().split("\n\n")[0].split()))  # the docstring's first paragraph
     if args.case is not None: return case_worker(bench, run_case)
     print_machine(bench.machine, f"{name}: {bench.describe}")
     if bounds:

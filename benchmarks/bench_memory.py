@@ -16,6 +16,8 @@ at a time). Training: one step (forward, loss, backward, Adam) of each backbone 
   1200x1600 and 512x640 are **extrapolations from the measured sizes**, labelled as such in the table and the JSON.
   CPU memory is only a proxy for GPU memory: the same tensors, but no CUDA context or caching allocator, and the
   CPU convolutions' own workspaces instead of cuDNN's.
+* A breakdown at the largest measured size shows where the memory goes: the FPN, and per stage the cost volume
+  (chunk none / 4) and the 3D U-Net, each alone.
 
     python benchmarks/bench_memory.py [--full] [--device cuda]
 """
@@ -35,6 +37,8 @@ def make_cases(args, device):
     if args.smoke: inf, train, backbones, preset = [(32, 40), (64, 80)], [(32, 40), (48, 64)], ("cascade",), "tiny"
     cases = [dict(label=f"inference {H}x{W} chunk {ch}", kind="inference", H=H, W=W, chunk=ch, preset=preset or "casmvsnet")
              for H, W in inf for ch in (None, 4)]
+    H, W = inf[-1]
+    cases += [dict(label=f"components {H}x{W}", kind="components", H=H, W=W, preset=preset or "casmvsnet")]
     cases += [dict(label=f"train {bb} {H}x{W}", kind="train", backbone=bb, H=H, W=W, amp=cuda, preset=preset)
               for H, W in train for bb in backbones]
     return cases
@@ -55,15 +59,56 @@ def run_case(spec, bench):
         def infer():
             with torch.inference_mode(): return model(*args)["depth"]
 
-        m = bench.measure(infer, repeats=1, warmup=0)
-        bench.add(m, op="inference", impl="mvsnb", size=f"{H}x{W}", px=H * W, chunk=spec["chunk"] or "none", views=5,
-                  memory_mb=_mem(m), work=H * W, unit="px/s")
+        info = dict(op="inference", impl="mvsnb", size=f"{H}x{W}", px=H * W, chunk=spec["chunk"] or "none", views=5)
+        try: m = bench.measure(infer, repeats=1, warmup=0)
+        except torch.cuda.OutOfMemoryError as e:  # a result too: this size does not fit on this GPU
+            torch.cuda.empty_cache()
+            bench.rows.append(dict(info, memory_mb=None, oom=str(e).split("\n")[0][:200]))
+            return
+        bench.add(m, **info, memory_mb=_mem(m), work=H * W, unit="px/s")
+    elif spec["kind"] == "components": components(spec, bench)
     else:
         from bench_train_step import BACKBONES, run_case as train_case
         train_case(dict(backbone=spec["backbone"], preset=spec["preset"] or BACKBONES[spec["backbone"]][0], H=H, W=W, impl="mvsnb",
                         amp=spec["amp"]), bench, repeats=1)
         r = bench.rows[-1]
         r.update(op="train step", px=H * W, views=3, chunk="none", memory_mb=_mem(r))
+
+
+def components(spec, bench):
+    "Peak memory of the parts of one inference: FPN, then per stage the cost volume (chunk none / 4) and the 3D U-Net."
+    import torch
+    from mvsnb.models.cascade import CascadeMVSNet, CascadeConfig, cascade_hypotheses
+    from mvsnb.models.blocks import cost_volume
+    from mvsnb.camera import scale_intrinsics
+    from mvsnb.synthetic import cap_cameras
+    dev, H, W = bench.device, spec["H"], spec["W"]
+    model = CascadeMVSNet(CascadeConfig.preset(spec["preset"])).to(dev).eval()
+    cfg = model.config
+    K, w2c = cap_cameras(5, H, W)
+    K, w2c = K[None].to(dev), w2c[None].to(dev)
+    dmin, dmax = torch.tensor([2.5], device=dev), torch.tensor([6.0], device=dev)
+    images = torch.rand(1, 5, 3, H, W, generator=torch.Generator().manual_seed(0)).to(dev)
+    scale = 1200 * 1600 / (H * W)
+    info = dict(op="component", size=f"{H}x{W}", px=H * W, impl="mvsnb", views=5)
+    with torch.inference_mode():
+        m = bench.measure(lambda: model.features(images.flatten(0, 1)), repeats=1, warmup=0)
+        feats = bench.last_output
+        bench.add(m, part="FPN (5 views)", chunk="none", memory_mb=_mem(m), memory_at_1200x1600_mb=_mem(m) * scale, **info)
+        interval = (dmax - dmin) / (cfg.num_depth[0] * cfg.interval_ratio[0])
+        prev = None
+        for k in range(cfg.num_stages):
+            f = feats[k].unflatten(0, (1, 5)); h, w = f.shape[-2:]
+            K_k = scale_intrinsics(K, w / W, h / H, mode="center")
+            hyps = cascade_hypotheses(prev, cfg.num_depth[k], cfg.interval_ratio[k] * interval, dmin, dmax, h, w).contiguous()
+            for ch in (None, 4):
+                m = bench.measure(lambda: cost_volume(f, K_k, w2c, hyps, "variance", chunk=ch), repeats=1, warmup=0)
+                bench.add(m, part=f"stage {k + 1} cost volume ({f.shape[2]}x{hyps.shape[1]}x{h}x{w})", chunk=ch or "none",
+                          memory_mb=_mem(m), memory_at_1200x1600_mb=_mem(m) * scale, **info)
+            cost = bench.last_output
+            m = bench.measure(lambda: model.regularizers[k](cost), repeats=1, warmup=0)
+            bench.add(m, part=f"stage {k + 1} 3D U-Net", chunk="none", memory_mb=_mem(m), memory_at_1200x1600_mb=_mem(m) * scale, **info)
+            prev = torch.full((1, 1, h, w), 4.0, device=dev)
 
 
 def _mem(m) -> float|None:
@@ -87,6 +132,8 @@ def report(bench):
     rows = bench.rows
     cuda = bench.device.startswith("cuda")
     groups = {}
+    comps = [r for r in rows if r["op"] == "component"]
+    rows[:] = [r for r in rows if r["op"] != "component"]
     for r in rows:
         key = ("inference", r["chunk"]) if r["op"] == "inference" else ("train", r["backbone"])
         groups.setdefault(key, []).append(r)
@@ -96,11 +143,15 @@ def report(bench):
         th, tw = targets[key[0]]
         meas = next((r for r in rs if r["size"] == f"{th}x{tw}"), None)
         what = f"{key[0]} {'chunk ' + str(key[1]) if key[0] == 'inference' else key[1]} at {th}x{tw}"
+        if meas is not None and meas.get("oom"):
+            summary.append(dict(kernel="memory", what=what, memory_mb=None, measured=True, oom=meas["oom"],
+                                fits_8gb=False if key[0] == "inference" else None))
+            continue
         if meas is not None:
             summary.append(dict(kernel="memory", what=what, memory_mb=meas["memory_mb"], measured=True,
                                 fits_8gb=meas["memory_mb"] / 1024 <= TARGET_GB if key[0] == "inference" else None))
             continue
-        f = fit([(r["px"], r["memory_mb"]) for r in rs if r.get("memory_mb") is not None])
+        f = fit([(r["px"], r["memory_mb"]) for r in rs if r.get("memory_mb") is not None])  # CPU only: a GPU measures directly
         if f is None: continue
         a, b, r2 = f
         est = a + b * th * tw
@@ -114,8 +165,14 @@ def report(bench):
     rows += extra_rows
     cols = [("what", "op", ""), ("backbone", "backbone", ""), ("size", "size", ""), ("chunk", "chunk", ""),
             ("median s", "median_s", ".2f"), ("memory MB", "memory_mb", ".0f"),
-            ("measured", lambda r: "EXTRAPOLATED" if r.get("extrapolated") else "measured", ""), ("fit", "fit", "")]
+            ("measured", lambda r: "EXTRAPOLATED" if r.get("extrapolated") else ("OUT OF MEMORY" if r.get("oom") else "measured"), ""),
+            ("fit", "fit", "")]
     bench.table(cols, title=f"memory on {bench.device} ({'allocated GPU memory' if cuda else 'peak RSS above the resident memory before the call'})")
+    if comps:
+        bench.table([("part", "part", ""), ("size", "size", ""), ("chunk", "chunk", ""), ("median s", "median_s", ".2f"),
+                     ("memory MB", "memory_mb", ".0f"), ("x pixels -> 1200x1600 MB", "memory_at_1200x1600_mb", ".0f")], comps,
+                    title="where the inference memory goes (each part alone; last column: scaled by the pixel count, an extrapolation)")
+        rows += comps
     notes = [] if cuda else ["CPU run: 1200x1600 inference and 512x640 training are EXTRAPOLATED with a linear fit in the pixel "
                              "count from the measured sizes; CPU RSS stands in for GPU memory (no CUDA context / allocator cache, "
                              "CPU convolution workspaces): the GPU target itself needs a GPU run (--device cuda)"]
@@ -125,5 +182,9 @@ def report(bench):
     return summary, notes, {}
 
 
+def main(argv=None):
+    return C.main("bench_memory", __doc__, make_cases, run_case, report, argv=argv)
+
+
 if __name__ == "__main__":
-    C.main("bench_memory", __doc__, make_cases, run_case, report)
+    main()

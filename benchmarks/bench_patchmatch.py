@@ -178,5 +178,9 @@ def report(bench):
     return summary, [n for n in notes if n], dict(speedups=sp)
 
 
+def main(argv=None):
+    return C.main("bench_patchmatch", __doc__, make_cases, run_case, report, argv=argv)
+
+
 if __name__ == "__main__":
-    C.main("bench_patchmatch", __doc__, make_cases, run_case, report)
+    main()

@@ -79,7 +79,8 @@ def report(bench):
             ("speed-up", "speedup", ".1f")]
     sp = bench.speedups(("n",))
     bench.table(cols, title="binary PLY, float32 xyz + uint8 RGB")
-    if _TMP is not None: shutil.rmtree(_TMP, ignore_errors=True)
+    global _TMP
+    if _TMP is not None: shutil.rmtree(_TMP, ignore_errors=True); _TMP = None
     summary = []
     if sp:
         big = max(sp, key=lambda s: s["n"])
@@ -98,5 +99,9 @@ def _extra(ap):
     ap.add_argument("--baseline-repeats", type=int, default=1, help="timed runs of the baseline at 2M points and more")
 
 
+def main(argv=None):
+    return C.main("bench_ply", __doc__, make_cases, run_case, report, extra_args=_extra, argv=argv)
+
+
 if __name__ == "__main__":
-    C.main("bench_ply", __doc__, make_cases, run_case, report, extra_args=_extra)
+    main()

@@ -82,5 +82,9 @@ def report(bench):
     return summary, [], dict(bounds={bench.device.split(":")[0]: bounds})
 
 
+def main(argv=None):
+    return C.main("bench_probe", __doc__, make_cases, run_case, report, repeats=5, bounds=False, argv=argv)
+
+
 if __name__ == "__main__":
-    C.main("bench_probe", __doc__, make_cases, run_case, report, repeats=5, bounds=False)
+    main()

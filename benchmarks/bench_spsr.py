@@ -138,8 +138,9 @@ def report(bench):
     big = max(rows, key=lambda r: (r["n"], r["views"]))
     for op in ("orient", "render", "labels"):
         s = [x for x in sp if x["op"] == op and x["n"] == big["n"] and x["views"] == big["views"] and x["hw"] == big["hw"]]
+        mine = next((r for r in rows if r["op"] == op and r["impl"] == "mvsnb" and (r["n"], r["views"], r["hw"]) == (big["n"], big["views"], big["hw"])), {})
         if s: summary.append(dict(kernel="spsr", what=f"{op}, {big['size']} points, {big['views']} views {big['hw']}",
-                                  speedup=s[0]["speedup"], mvsnb_s=s[0]["mvsnb_s"]))
+                                  speedup=s[0]["speedup"], mvsnb_s=s[0]["mvsnb_s"], bw_frac=mine.get("bw_frac")))
     lab = [r for r in rows if "coverage" in r]
     cover = ", ".join(format(r["coverage"], ".1%") for r in lab)
     notes = ["normals and Poisson are the same Open3D calls on both sides (timed with --shared-repeats runs)",
@@ -152,5 +153,9 @@ def _extra(ap):
     ap.add_argument("--shared-repeats", type=int, default=1, help="timed runs of the Open3D phases both sides share")
 
 
+def main(argv=None):
+    return C.main("bench_spsr", __doc__, make_cases, run_case, report, extra_args=_extra, argv=argv)
+
+
 if __name__ == "__main__":
-    C.main("bench_spsr", __doc__, make_cases, run_case, report, extra_args=_extra)
+    main()

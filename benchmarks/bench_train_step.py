@@ -102,5 +102,9 @@ def report(bench):
     return summary, notes, {}
 
 
+def main(argv=None):
+    return C.main("bench_train_step", __doc__, make_cases, run_case, report, argv=argv)
+
+
 if __name__ == "__main__":
-    C.main("bench_train_step", __doc__, make_cases, run_case, report)
+    main()

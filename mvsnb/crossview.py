@@ -357,6 +357,10 @@ def load_depth_outputs(scene_dir, # scene folder: cams/%08d_cam.txt, pair.txt, i
         sizes = {_image_size(p) for p in paths}
         if len(sizes) > 1: raise InputError(f"images differ in size: {sorted(sizes)}", path=scene / "images")
         img_hw = sizes.pop()
+    Hi, Wi = img_hw
+    if abs(W / Wi - H / Hi) * max(Hi, Wi) > 1:  # a rescaling keeps the aspect ratio; a crop or transpose does not
+        raise InputError(f"depth map {W}x{H} is not a rescaling of the {Wi}x{Hi} images (aspect ratio differs)",
+                         path=dd / "depth_est" / "00000000.pfm")
     K = torch.as_tensor(np.stack([c.K for c in cams]), dtype=torch.float64)
     if img_hw != (H, W): K = scale_intrinsics(K, W / img_hw[1], H / img_hw[0], mode=k_scale_mode)
     to = lambda x: torch.as_tensor(x, dtype=torch.float32).to(device)
