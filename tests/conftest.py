@@ -22,3 +22,11 @@ def realdata():
     "Path to ../shared/realdata, or skip the test when it is not there."
     if not REALDATA.is_dir(): pytest.skip(f"real data not found at {REALDATA}")
     return REALDATA
+
+@pytest.fixture
+def one_thread():
+    "Tiny tensors: on a busy 2-core machine torch's thread hand-offs cost more than they save."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -10,12 +10,7 @@ from mvsnb.losses.div import (DivConfig, ViewWeightNet, occlusion_masks, gt_visi
                               synthesize_reference, div_synthesis_loss, sample_supervision_views)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    "Tiny tensors: on a busy 2-core machine torch's thread hand-offs cost more than they save."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 # ---------------------------------------------------------------- occlusion masks

@@ -20,12 +20,7 @@ from mvsnb.elastic import (ElasticConfig, elastic_preset, positive_threshold, Em
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny tensors: one thread is much faster on the shared 2-core machine."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 # ---------------------------------------------------------------- fixtures

@@ -21,12 +21,7 @@ DT = torch.float64
 NUM_INTERVALS = 192  # depth interval = (depth_max - depth_min) / 192, DTU's plane count
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny tensors: one thread is much faster on the shared 2-core machine."
-    old = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def rig(H=8, W=10, V=3, dtype=DT, seed=0):

@@ -9,12 +9,7 @@ from mvsnb.camera import intrinsics, look_at, unproject, project, transform_poin
 from mvsnb.render import depth_grid_mesh, grid_faces, zbuffer_render, zbuffer_at, raycast_depth, render_depth
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    "Tiny tensors: on a busy 2-core machine torch's thread hand-offs cost more than they save."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def _cam(H=8, W=10, f=9.0):
