@@ -1,28 +1,32 @@
-"""Benchmark of `mvsnb.crossview.cross_view_check` against a naive per-pair numpy baseline.
+"""The cross-view check (`mvsnb.crossview.cross_view_check`): the eager and the compiled kernel against a naive
+per-pair numpy baseline, for 49 views x 10 sources at 512x640 (the issue's target case).
 
-Usage (from the repository root):
+Inputs (`make_inputs`): ray-cast depth maps of a synthetic scene with noise, wrong-match blocks and random
+confidences, DTU-like cameras and 10 sources per view from `select_pairs`; cached in benchmarks/out/. The
+baseline is written here in the style of the public MVSNet-family fusion scripts: a loop over (reference,
+source) pairs with float64 numpy arrays and `cv2.remap` for the bilinear read. All use the evaluation-fusion
+thresholds (1 px, 0.01, >= 3 views, confidence > 0.8).
 
-    .venv/bin/python benchmarks/bench_crossview.py            # 49 views x 10 sources at 512x640, baseline at 256x320
-    .venv/bin/python benchmarks/bench_crossview.py --quick    # a small smoke run (~20 s)
+Three implementations run in alternating rounds (baseline, eager, compiled, baseline, ...), so that on a shared
+machine a burst of load hits all three alike; the medians over the rounds and their ratios are reported. The
+compiled kernel's first call (the `torch.compile` of the fused kernel; with --cold-compile in a fresh inductor
+cache) is timed separately and left out of its median. Bandwidth bound: the least data the check must touch,
+per view its depth and confidence read once, its checked depth, spread (4 bytes each), count (2) and mask (1)
+written once, and one 4-byte source-depth sample per (pixel, source) pair, at the probe's copy bandwidth;
+`bw_frac` = bound / median (the target: within 3x, bw_frac >= 1/3). Decisions are compared pixel by pixel.
 
-Each measured run happens in its own subprocess, so the peak resident memory it reports
-(`resource.getrusage(...).ru_maxrss`, which sees torch's allocations unlike tracemalloc) belongs to that run
-alone. `rss_inputs_mb` is the peak after loading the inputs, `rss_peak_mb` the peak at the end; their
-difference is the working memory of the check. The baseline is written here in the style of the public
-MVSNet-family fusion scripts: a loop over (reference, source) pairs with float64 numpy arrays and
-`cv2.remap` for the bilinear read. Both use the evaluation-fusion thresholds (1 px, 0.01, >= 3 views,
-confidence > 0.8). Results: a table on stdout and `benchmarks/out/bench_crossview.json`.
+Sizes: 49 views x 10 sources at 512x640 (--full: also 256x320 and 13 views at 1200x1600; --smoke: 5 views x 4
+sources at 64x80, one round).
+
+    python benchmarks/bench_crossview.py [--full] [--smoke] [--device cpu|cuda] [--repeats N] [--threads N] [--out F]
 """
 from __future__ import annotations
-import argparse, json, os, resource, subprocess, sys, time
+import os, statistics, sys, time
 from pathlib import Path
+import _common as C
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "benchmarks" / "out"
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+ROOT, OUT = C.ROOT, C.OUT
+IMPLS = ("baseline", "eager", "compiled")
 
 
 # ---------------------------------------------------------------- inputs
@@ -117,115 +121,139 @@ def baseline_check(z: dict, min_views: int = 3, tau_conf: float = 0.8):
     return np.stack(masks), np.stack(depths)
 
 
-# ---------------------------------------------------------------- workers (one subprocess each)
-def worker(args) -> dict:
-    import numpy as np
-    z = load_inputs(Path(args.data), *(args.hw or (None, None)))
-    out = dict(kind=args.worker, views=int(z["depth"].shape[0]), num_src=int(z["src"].shape[1]), hw=list(z["depth"].shape[1:]))
-    if args.worker == "baseline":
-        import cv2
-        cv2.setNumThreads(args.threads)
-        out["rss_inputs_mb"] = _maxrss_mb()
-        t, c = time.perf_counter(), time.process_time()
-        mask, depth = baseline_check(z)
-        out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, time.process_time() - c
-        out["threads"] = args.threads
-    else:
-        import torch
-        torch.set_num_threads(args.threads)
-        from mvsnb.crossview import cross_view_check, CrossViewConfig
-        d, c = torch.from_numpy(z["depth"])[:, None], torch.from_numpy(z["conf"])[:, None]
-        K, w2c = torch.from_numpy(z["K"]).float(), torch.from_numpy(z["w2c"]).float()
-        pairs = [(r, [(int(s), 1.0) for s in z["src"][r]]) for r in range(len(d))]
-        cfg = CrossViewConfig.preset("eval_fusion", skip_low_conf=not args.no_skip)
-        out["skip_low_conf"] = cfg.skip_low_conf
-        out["rss_inputs_mb"] = _maxrss_mb()
-        t, t_cpu = time.perf_counter(), time.process_time()
-        # with --refs: only the first `refs` reference views (time per view and memory at high resolution)
-        res = cross_view_check(d, c, K, w2c, pairs, cfg, views=list(range(args.refs)) if args.refs else None)
-        out["seconds"], out["cpu_seconds"] = time.perf_counter() - t, time.process_time() - t_cpu
-        if args.refs:
-            out["refs"] = args.refs
-            mask = depth = None
-        else:
-            mask, depth = res.mask[:, 0].numpy(), res.depth[:, 0].numpy()
-            out["kept_fraction_mean"] = float(res.kept_fraction.mean())
-        out["threads"] = torch.get_num_threads()
-    out["rss_peak_mb"] = _maxrss_mb()
-    if mask is not None and args.save: np.savez_compressed(args.save, mask=mask, depth=depth)
-    return out
+# ---------------------------------------------------------------- the benchmark
+def make_cases(args, device):
+    grid = [(49, 10, 512, 640)]
+    if args.full: grid = [(49, 10, 256, 320)] + grid + [(13, 10, 1200, 1600)]
+    if args.smoke: grid = [(5, 4, 64, 80)]
+    return [dict(label=f"{V} views x {S} sources {H}x{W}", V=V, S=S, H=H, W=W) for V, S, H, W in grid]
 
 
-def run_worker(kind: str, data: Path, hw=None, threads=2, refs=0, save=None, no_skip=False) -> dict:
-    # PASSIVE: idle OpenMP threads sleep instead of spinning; on a shared, loaded machine spinning threads lose
-    # their time slices and a 2-thread run can be 10-30x slower than a 1-thread one (set OMP_WAIT_POLICY to override)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--threads", str(threads), "--refs", str(refs)]
-    if hw: cmd += ["--hw", str(hw[0]), str(hw[1])]
-    if save: cmd += ["--save", str(save)]
-    if no_skip: cmd += ["--no-skip"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-    if p.returncode != 0: raise RuntimeError(f"worker {kind} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def _inputs(spec):
+    "Cached inputs at this size: made at 512x640 (or the size itself when smaller) and resized."
+    V, S, H, W = spec["V"], spec["S"], spec["H"], spec["W"]
+    h0, w0 = (H, W) if H * W <= 512 * 640 else (512, 640)
+    return load_inputs(make_inputs(V, h0, w0, S), H, W)
+
+
+def min_bytes(V: int, S: int, H: int, W: int) -> int:
+    "The data the check must touch (see the module docstring)."
+    return V * H * W * (4 + 4) + V * S * H * W * 4 + V * H * W * (4 + 4 + 2 + 1)
+
+
+def run_case(spec, bench):
+    import numpy as np, torch
+    import mvsnb.crossview as cv
+    V, S, H, W = spec["V"], spec["S"], spec["H"], spec["W"]
+    z = _inputs(spec)
+    dev = bench.device
+    d, c = torch.from_numpy(z["depth"])[:, None].to(dev), torch.from_numpy(z["conf"])[:, None].to(dev)
+    K, w2c = torch.from_numpy(z["K"]).float().to(dev), torch.from_numpy(z["w2c"]).float().to(dev)
+    pairs = [(r, [(int(s), 1.0) for s in z["src"][r]]) for r in range(V)]
+    cfgs = {k: cv.CrossViewConfig.preset("eval_fusion", compile=(k == "compiled")) for k in ("eager", "compiled")}
+    import cv2
+    from mvsnb.crossview import cross_view_check
+    cv2.setNumThreads(torch.get_num_threads())
+
+    def call(impl):
+        if impl == "baseline": return baseline_check(z)
+        r = cross_view_check(d, c, K, w2c, pairs, cfgs[impl])
+        C.sync(dev)
+        return r.mask[:, 0].cpu().numpy(), r.depth[:, 0].cpu().numpy()
+
+    # the compiled kernel's first call: compile (and a first run), timed on its own
+    n_log = len(cv._COMPILE_LOG)
+    t = time.perf_counter(); call("compiled"); first = time.perf_counter() - t
+    print(f"   compiled kernel, first call (compile included): {first:.1f} s", flush=True)
+    compiled_ok = cv._COMPILED.get(torch.device(dev).type) is not None
+    compile_s = sum(x["first_call_s"] for x in cv._COMPILE_LOG[n_log:])
+    times = {k: [] for k in IMPLS}; rss = {k: [] for k in IMPLS}; out = {}
+    rounds = bench.args.repeats
+    base_rounds = min(rounds, bench.args.baseline_repeats or rounds)
+    for i in range(rounds):
+        for impl in IMPLS:
+            if impl == "baseline" and i >= base_rounds: continue
+            C.gc_collect(); r0 = C.rss_mb(); reset = C.reset_peak_rss()
+            t = time.perf_counter(); res = call(impl); times[impl].append(time.perf_counter() - t)
+            if reset: rss[impl].append(C.peak_rss_mb() - r0)
+            out[impl] = res; res = None
+        print(f"   round {i + 1}/{rounds}: " + ", ".join(f"{k} {times[k][-1]:.3f} s" for k in IMPLS if len(times[k]) > i), flush=True)
+    nbytes = min_bytes(V, S, H, W)
+    bound = bench.hw().get("bandwidth_gbps")
+    valid = z["depth"] > 0
+    for impl in IMPLS:
+        med = statistics.median(times[impl])
+        mask = out[impl][0]
+        row = dict(op="cross-view check", impl=impl, kind={"baseline": "baseline", "eager": "torch eager", "compiled": "torch"}[impl],
+                   views=V, num_src=S, hw=[H, W], size=f"{H}x{W}", threads=torch.get_num_threads(), device=dev,
+                   times=times[impl], median_s=med, min_s=min(times[impl]), repeats=len(times[impl]), seconds=med,
+                   rss_delta_mb=max(rss[impl]) if rss[impl] else None, bytes=nbytes, work=V, unit="views/s",
+                   kept=float(mask.mean()), kept_of_valid=float(mask[valid].mean()))
+        if impl == "compiled":
+            row.update(first_call_s=first, compile_s=compile_s, compiled=compiled_ok)
+        if bound: row["bound_s"] = nbytes / (bound * 1e9)
+        for other in IMPLS:
+            if other != impl: row[f"same_decisions_vs_{other}"] = float((out[other][0] == mask).mean())
+        both = out["baseline"][0] & mask
+        if impl != "baseline" and both.any():
+            b = out["baseline"][1][both]
+            row["max_rel_depth_diff_vs_baseline"] = float(np.abs(out[impl][1][both] - b).max() / np.abs(b).max())
+        bench.add(row)
+
+
+def report(bench):
+    rows = bench.rows
+    for r in rows:
+        b = next((x for x in rows if x["impl"] == "baseline" and x["size"] == r["size"] and x["views"] == r["views"]), None)
+        if b is not None:
+            r["speedup"] = b["median_s"] / r["median_s"]
+            # the ratio within each round (the three ran back to back): robust when the machine's load changes between rounds
+            r["speedup_per_round"] = [tb / t for tb, t in zip(b["times"], r["times"])]
+            r["speedup_round_median"] = statistics.median(r["speedup_per_round"])
+        e = next((x for x in rows if x["impl"] == "eager" and x["size"] == r["size"] and x["views"] == r["views"]), None)
+        if e is not None:
+            r["speedup_vs_eager"] = e["median_s"] / r["median_s"]
+            r["speedup_vs_eager_round_median"] = statistics.median(te / t for te, t in zip(e["times"], r["times"]))
+    cols = [("views", "views", ""), ("src", "num_src", ""), ("size", "size", ""), ("impl", "impl", ""),
+            ("median s", "median_s", ".3f"), ("runs", "repeats", ""), ("first call s", "first_call_s", ".1f"),
+            ("bound s", "bound_s", ".3f"), ("bw frac", "bw_frac", ".3f"), ("RSS Δ MB", "rss_delta_mb", ".0f"),
+            ("kept", "kept_of_valid", ".3f"), ("same as baseline", "same_decisions_vs_baseline", ".5f"),
+            ("same as eager", "same_decisions_vs_eager", ".5f"), ("vs eager", "speedup_vs_eager", ".2f"), ("speed-up", "speedup", ".1f"),
+            ("per-round speed-up", "speedup_round_median", ".1f")]
+    bench.table(cols, title="cross-view check, evaluation-fusion thresholds (speed-up: baseline median / median, same rounds)")
+    summary, notes = [], []
+    mine = [r for r in rows if r["impl"] == "compiled"]
+    head = max(mine, key=lambda r: r["views"] * r["hw"][0] * r["hw"][1]) if mine else None
+    if head is not None:
+        summary.append(dict(kernel="crossview", what=f"check {head['views']} views x {head['num_src']} sources {head['size']} (compiled)",
+                            mvsnb_s=head["median_s"], speedup=head.get("speedup"), speedup_vs_eager=head.get("speedup_vs_eager"),
+                            speedup_round_median=head.get("speedup_round_median"), speedup_per_round=head.get("speedup_per_round"),
+                            bw_frac=head.get("bw_frac"), bound_s=head.get("bound_s"), compile_s=head.get("compile_s"),
+                            identical_decisions=head.get("same_decisions_vs_baseline"),
+                            identical_decisions_vs_eager=head.get("same_decisions_vs_eager"),
+                            target=">= 10x vs per-pair numpy, within 3x of the bandwidth bound, >= 99.9 % same decisions",
+                            target_met=bool((head.get("speedup") or 0) >= 10 and (head.get("bw_frac") or 0) >= 1 / 3
+                                            and (head.get("same_decisions_vs_baseline") or 0) >= 0.999)))
+        if not head.get("compiled"): notes.append("torch.compile was not available or failed: the 'compiled' rows ran the eager kernel")
+    notes.append("rounds alternate baseline / eager / compiled; the compiled median excludes its first call (compile), reported as 'first call s'; "
+                 "'speed-up' is the ratio of the medians, 'per-round speed-up' the median of the ratios within each round")
+    extra = {}
+    if head is not None:  # the fields summary.py reads from this file
+        extra = dict(speedup=head.get("speedup"), identical_decisions=head.get("same_decisions_vs_baseline"))
+    return summary, notes, extra
+
+
+def _extra(ap):
+    ap.add_argument("--baseline-repeats", type=int, default=0, help="rounds in which the baseline runs (0: every round)")
+    ap.add_argument("--cold-compile", action="store_true", help="compile in a fresh inductor cache (the first call's time is a cold compile)")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small smoke run")
-    ap.add_argument("--views", type=int, default=49); ap.add_argument("--num-src", type=int, default=10)
-    ap.add_argument("--hw", type=int, nargs=2, default=None, help="size of the main torch run (default 512 640)")
-    ap.add_argument("--base-hw", type=int, nargs=2, default=None, help="size of the baseline comparison (default 256 320)")
-    ap.add_argument("--big-refs", type=int, default=None, help="reference views checked at 1200x1600 for memory (default 2, 0 = skip)")
-    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch threads of the main run (one run each); the first is used for the rest")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS); ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--refs", type=int, default=0, help=argparse.SUPPRESS); ap.add_argument("--save", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--no-skip", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        args.threads = args.threads[0]
-        print(json.dumps(worker(args))); return
-    sys.path.insert(0, str(ROOT))
-    import numpy as np
-    views, num_src = (10, 5) if args.quick else (args.views, args.num_src)
-    hw = tuple(args.hw or ((128, 160) if args.quick else (512, 640)))
-    base_hw = tuple(args.base_hw or ((64, 80) if args.quick else (256, 320)))
-    big_refs = (0 if args.quick else 2) if args.big_refs is None else args.big_refs
-    OUT.mkdir(parents=True, exist_ok=True)
-    load0 = os.getloadavg()
-    t = time.perf_counter(); data = make_inputs(views, *hw, num_src); t_in = time.perf_counter() - t
-    print(f"inputs: {views} views x {num_src} sources at {hw[0]}x{hw[1]} ({t_in:.1f} s, cached in {data.name})", flush=True)
-    rows = []
-    th = args.threads[0]
-    for n in args.threads:
-        r = run_worker("torch", data, hw, n); rows.append((f"mvsnb torch", r)); print(r, flush=True)
-    mine = run_worker("torch", data, base_hw, th, save=OUT / "mask_torch.npz"); rows.append(("mvsnb torch", mine)); print(mine, flush=True)
-    # the same without skipping low-confidence pixels: every pixel is checked, as the baseline does
-    full = run_worker("torch", data, base_hw, th, save=OUT / "mask_torch_noskip.npz", no_skip=True); rows.append(("mvsnb no skip", full)); print(full, flush=True)
-    base = run_worker("baseline", data, base_hw, th, save=OUT / "mask_base.npz"); rows.append(("numpy per pair", base)); print(base, flush=True)
-    if big_refs:
-        big = run_worker("torch", data, (1200, 1600), th, refs=big_refs); rows.append(("mvsnb torch", big)); print(big, flush=True)
-    a, b, a2 = np.load(OUT / "mask_torch.npz"), np.load(OUT / "mask_base.npz"), np.load(OUT / "mask_torch_noskip.npz")
-    assert (a["mask"] == a2["mask"]).all(), "skipping low-confidence pixels changed a decision"
-    same = float((a["mask"] == b["mask"]).mean())
-    both = a["mask"] & b["mask"]
-    ddiff = float(np.abs(a["depth"][both] - b["depth"][both]).max() / np.abs(b["depth"][both]).max()) if both.any() else 0.0
-    report = dict(machine=dict(cpus=os.cpu_count(), load_before=load0, load_after=os.getloadavg(), threads=args.threads,
-                               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "PASSIVE")), rows=[dict(name=n, **r) for n, r in rows],
-                  speedup=base["seconds"] / mine["seconds"], speedup_cpu=base["cpu_seconds"] / mine["cpu_seconds"],
-                  speedup_no_skip=base["seconds"] / full["seconds"], speedup_cpu_no_skip=base["cpu_seconds"] / full["cpu_seconds"],
-                  identical_decisions=same,
-                  kept_torch=float(a["mask"].mean()), kept_baseline=float(b["mask"].mean()), max_rel_depth_diff_on_common=ddiff)
-    print(f"\n{'run':16s} {'threads':>7s} {'views':>5s} {'src':>4s} {'size':>10s} {'refs':>5s} {'wall s':>8s} {'CPU s':>8s} {'inputs MB':>10s} {'peak MB':>8s}")
-    for n, r in rows:
-        print(f"{n:16s} {r['threads']:7d} {r['views']:5d} {r['num_src']:4d} {r['hw'][0]:>4d}x{r['hw'][1]:<5d} {r.get('refs') or r['views']:5d} "
-              f"{r['seconds']:8.2f} {r['cpu_seconds']:8.2f} {r['rss_inputs_mb']:10.0f} {r['rss_peak_mb']:8.0f}")
-    print(f"\nspeed-up at {base_hw[0]}x{base_hw[1]}: {report['speedup']:.1f}x wall, {report['speedup_cpu']:.1f}x CPU time "
-          f"(checking every pixel: {report['speedup_no_skip']:.1f}x wall, {report['speedup_cpu_no_skip']:.1f}x CPU); identical decisions: {same:.4%} "
-          f"(kept {report['kept_torch']:.2%} vs {report['kept_baseline']:.2%}); max relative d̂ difference where both keep: {ddiff:.1e}")
-    print(f"load average before / after: {load0} / {os.getloadavg()} on {os.cpu_count()} CPUs")
-    (OUT / "bench_crossview.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {OUT / 'bench_crossview.json'}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cold-compile" in argv and "--case" not in argv:
+        import tempfile
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mvsnb_inductor_")
+    return C.main("bench_crossview", __doc__, make_cases, run_case, report, extra_args=_extra, argv=argv)
 
 
 if __name__ == "__main__":

@@ -286,6 +286,4 @@ def _sweep(args):
     from mvsnb.sweep import run_sweep
     if not Path(args.spec).is_file(): raise InputError("sweep spec not found", path=args.spec)
     rows = run_sweep(args.spec, jobs=args.jobs, retry_failed=args.retry_failed, out=args.out)
-    failed = [r for r in rows if r.get("status") == "failed"]
-    print(f"{len(rows)} runs, {len(failed)} failed")
-    return 1 if failed else 0
+    return 1 if any(r.get("status") == "failed" for r in rows) else 0  # run_sweep printed the summary line

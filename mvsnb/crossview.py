@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_crossview.ipynb #acbe9a9a
 from __future__ import annotations
-import json, math, warnings
+import json, math, time, warnings
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -35,6 +35,8 @@ class CrossViewConfig:
     max_batch_pixels: int = 1 << 18  # (pixel, source) pairs per batch; memory and speed only, results do not change
     skip_low_conf: bool = True  # do not check pixels that fail the confidence test (they cannot be kept; their count is 0)
     eps: float = 1e-6  # points with z <= eps are behind a camera
+    compile: bool|str = "auto"  # fused `torch.compile` kernel: True, False (eager), "auto" (when a call checks >= `compile_min_pairs` pairs); same decisions
+    compile_min_pairs: int = 1 << 27  # "auto" compiles from this many (pixel, source) pairs per call (49 views x 10 sources at 512x640); the first compile costs 20-90 s
 
     def __post_init__(self):
         if self.method not in ("roundtrip", "disparity"): raise InputError(f"must be 'roundtrip' or 'disparity', got {self.method!r}", field="method")
@@ -44,6 +46,7 @@ class CrossViewConfig:
             raise InputError(f"must lie in (0, 1], got {self.min_views_frac}", field="min_views_frac")
         for k in ("tau_reproj", "tau_geo", "tau_disp"):
             if not getattr(self, k) > 0: raise InputError(f"must be > 0, got {getattr(self, k)}", field=k)
+        if self.compile not in (True, False, "auto"): raise InputError(f"must be True, False or 'auto', got {self.compile!r}", field="compile")
         if self.src_chunk is not None and self.src_chunk < 1: raise InputError(f"must be >= 1, got {self.src_chunk}", field="src_chunk")
 
     def required_views(self, num_src: int) -> int:
@@ -172,6 +175,119 @@ def consistent_sources(rt: dict, # output of `round_trip`
                       _ref_pixels(h, W, row0, d_ref), d_ref, cfg, fb)
     return out.reshape(S, 1, h, W)
 
+# %% ../nbs/31_crossview.ipynb #26e72ce4
+def _fused_params(K_ref, w2c_ref, K_src, w2c_src, fb, dtype) -> Tensor: # (S,25)
+    "Per source: M_sr (9), b_sr (3) into framed source pixels, M_rs (9), b_rs (3) back from them, and f·b (1)."
+    Kr, Ks = K_ref.double()[None], K_src.double()
+    A = torch.eye(3, dtype=torch.float64, device=K_src.device)
+    A[0, 2] = A[1, 2] = 1.0  # source pixel (u, v) is pixel (u + 1, v + 1) of the framed map (`_source_maps`)
+    T = relative_pose(w2c_src.double(), w2c_ref.double()[None]); Ti = invert_pose(T)
+    M_sr = A @ Ks @ T[:, :3, :3] @ torch.linalg.inv(Kr); b_sr = (A @ Ks @ T[:, :3, 3:])[..., 0]
+    M_rs = Kr @ Ti[:, :3, :3] @ torch.linalg.inv(Ks) @ torch.linalg.inv(A); b_rs = (Kr @ Ti[:, :3, 3:])[..., 0]
+    return torch.cat([M_sr.flatten(1), b_sr, M_rs.flatten(1), b_rs, fb.double()[:, None]], 1).to(dtype).contiguous()
+
+def _fused_pairs(d: Tensor, # (n,) reference depth of the checked pixels (any positive value at padding)
+                 u: Tensor, # (n,) their column
+                 v: Tensor, # (n,) their row
+                 maps: Tensor, # (V*Hp*Wp,) the framed maps of `_source_maps`, flattened
+                 offs: Tensor, # (S,) int64: where each source's map starts in `maps`
+                 P: Tensor, # (S,25) from `_fused_params`
+                 th: Tensor, # (4,) tau_reproj, tau_geo, eps, tau_disp
+                 Hp: int, Wp: int, # framed map size
+                 method: str, sample_mode: str,
+                ) -> tuple: # count (n,) int32, sum of d'-D_r (n,), sum of (d'-D_r)^2 (n,) over the consistent sources
+    """`_round_trip` + `_consistent` + the accumulation over the sources as one expression per pixel: the loop over
+    the S sources is unrolled when traced, so inductor makes one loop over the pixels with no (S, n) temporaries."""
+    tau_r, tau_g, eps, tau_d = th[0], th[1], th[2], th[3]
+    X, Y = d * u, d * v
+    count, s1, s2 = torch.zeros_like(d, dtype=torch.int32), torch.zeros_like(d), torch.zeros_like(d)
+    for s in range(P.shape[0]):
+        p = P[s]
+        qx = p[0] * X + p[1] * Y + p[2] * d + p[9]  # z_s · (x, y, 1) in framed source pixels
+        qy = p[3] * X + p[4] * Y + p[5] * d + p[10]
+        qz = p[6] * X + p[7] * Y + p[8] * d + p[11]
+        zc = torch.maximum(qz, eps)
+        x, y = qx / zc, qy / zc
+        if sample_mode == "nearest":  # round half to even, as grid_sample does
+            xr, yr = x.round(), y.round()
+            inb = (xr >= 0) & (xr <= Wp - 1) & (yr >= 0) & (yr <= Hp - 1) & (qz > eps)
+            i = torch.where(inb, yr * Wp + xr, 0.0).to(torch.int64) + offs[s]  # exact in float32 below 2^24 pixels
+            ds = maps[i]
+        else:  # bilinear: the four neighbours (all inside the framed map), weighted as in grid_sample
+            x0, y0 = x.floor(), y.floor()
+            inb = (x0 >= 0) & (x0 <= Wp - 2) & (y0 >= 0) & (y0 <= Hp - 2) & (qz > eps)
+            i = torch.where(inb, y0 * Wp + x0, 0.0).to(torch.int64) + offs[s]
+            ax, ay = x - x0, y - y0
+            ds = (((1 - ax) * (1 - ay)) * maps[i] + (ax * (1 - ay)) * maps[i + 1]
+                  + ((1 - ax) * ay) * maps[i + Wp] + (ax * ay) * maps[i + Wp + 1])
+        db = ds * (p[18] * x + p[19] * y + p[20]) + p[23]  # d'
+        ok = inb & (ds > eps) & (db > eps)  # a weight on a pixel without depth or on the frame makes ds <= 0
+        if method == "roundtrip":
+            du = ds * (p[12] * x + p[13] * y + p[14]) + p[21] - u * db  # d' (u' - u)
+            dv = ds * (p[15] * x + p[16] * y + p[17]) + p[22] - v * db
+            tol = tau_r * db
+            ok = ok & (du * du + dv * dv < tol * tol) & ((db - d).abs() < tau_g * d)
+        else:
+            ok = ok & (p[24] * (ds - qz).abs() < tau_d * qz * ds)
+        delta = torch.where(ok, db - d, 0.0)
+        count, s1, s2 = count + ok.to(torch.int32), s1 + delta, s2 + delta * delta
+    return count, s1, s2
+
+_COMPILED = {}  # device type -> torch.compile'd `_fused_pairs`, or None once compilation failed there
+_COMPILE_LOG = []  # one dict per compiled signature: device, shapes, method, first-call seconds (compile included)
+_SEEN = set()
+
+def _want_compiled(cfg: CrossViewConfig, pairs: int, device) -> bool:
+    "Whether a call checking `pairs` (pixel, source) pairs on `device` uses the compiled kernel."
+    if cfg.compile is False or _COMPILED.get(torch.device(device).type, 0) is None: return False
+    return cfg.compile is True or pairs >= cfg.compile_min_pairs
+
+def _compiled(device):
+    t = torch.device(device).type
+    # indices are clamped into the maps by construction (`inb`), so inductor's per-gather bounds checks are dropped
+    if t not in _COMPILED: _COMPILED[t] = torch.compile(_fused_pairs, dynamic=False, options={"assert_indirect_indexing": False})
+    return _COMPILED[t]
+
+def _compile_failed(e: Exception, device):
+    _COMPILED[torch.device(device).type] = None
+    warnings.warn(f"cross-view check: torch.compile failed on {torch.device(device).type} ({type(e).__name__}: "
+                  f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); using the eager kernel from now on")
+
+def _pow2_chunk(n: int) -> int: return 1 << max(5, int(n).bit_length() - 1)  # largest power of two <= n (>= 32)
+
+def _accumulate_compiled(d_c, u_c, v_c, K_ref, w2c_ref, K_src, w2c_src, fb, maps, ids, cfg, sc, N) -> tuple: # count (n,) int32, s1, s2 (n,)
+    """`check_view`'s accumulation with the compiled kernel. The sources are `maps[ids]` (or all of `maps`), read in
+    place. Chunks have a fixed size (the last one padded), so a run compiles once per map size: a power of two, at most
+    `max_batch_pixels // sc` and at most the next one above the N pixels of a view."""
+    n, (Hp, Wp), dev, dt = len(d_c), maps.shape[-2:], d_c.device, d_c.dtype
+    ids = torch.arange(maps.shape[0], device=dev) if ids is None else ids.to(dev)
+    S = len(ids)
+    P = min(_pow2_chunk(max(1, cfg.max_batch_pixels // sc)), 1 << max(5, (N - 1).bit_length()))
+    npad = max(1, -(-n // P)) * P
+    pad = lambda x, val: torch.cat([x, x.new_full((npad - n,), val)])
+    d, u, v = pad(d_c, 1.0), pad(u_c, 0.0), pad(v_c, 0.0)
+    count = torch.empty(npad, dtype=torch.int32, device=dev); s1, s2 = torch.empty_like(d), torch.empty_like(d)  # the first batch sets them
+    th = torch.tensor([cfg.tau_reproj, cfg.tau_geo, cfg.eps, cfg.tau_disp], dtype=dt, device=dev)
+    flat = maps.reshape(-1)
+    torch._dynamo.mark_dynamic(flat, 0)  # the number of views in `maps` does not matter to the kernel: no recompile
+    fn = _compiled(dev)
+    for s0 in range(0, S, sc):
+        sl = slice(s0, s0 + sc)
+        offs = ids[sl].to(torch.int64) * (Hp * Wp)
+        prm = _fused_params(K_ref, w2c_ref, K_src[sl], w2c_src[sl], fb[sl], dt)
+        key = (dev.type, P, prm.shape[0], Hp, Wp, cfg.method, cfg.sample_mode, dt)
+        for c0 in range(0, npad, P):
+            blk = slice(c0, c0 + P)
+            t = time.perf_counter() if key not in _SEEN else None
+            c, a, b = fn(d[blk], u[blk], v[blk], flat, offs, prm, th, Hp, Wp, cfg.method, cfg.sample_mode)
+            if t is not None:
+                _SEEN.add(key)
+                _COMPILE_LOG.append(dict(device=dev.type, chunk=P, sources=prm.shape[0], framed_hw=(Hp, Wp), method=cfg.method,
+                                         sample_mode=cfg.sample_mode, dtype=str(dt), first_call_s=time.perf_counter() - t))
+            if s0 == 0: count[blk], s1[blk], s2[blk] = c, a, b
+            else: count[blk] += c; s1[blk] += a; s2[blk] += b
+    return count[:n], s1[:n], s2[:n]
+
 # %% ../nbs/31_crossview.ipynb #f81e3a1b
 @dataclass(repr=False)
 class CrossViewResult:
@@ -188,6 +304,64 @@ class CrossViewResult:
         V, _, H, W = self.depth.shape
         return f"CrossViewResult({V} views {H}x{W}, kept {self.kept_fraction.mean():.1%} on average)"
 
+def _check_compact(depth_ref: Tensor, # (1,1,H,W) reference z-depth; 0/NaN = none
+                   conf_ref: Tensor|None, # (1,1,H,W) reference confidence, or None (no confidence test)
+                   K_ref: Tensor, # (3,3)
+                   w2c_ref: Tensor, # (4,4)
+                   depth_src: Tensor|None, # (S,1,H,W) source depths (may be None when `src_maps` is given)
+                   K_src: Tensor, # (S,3,3)
+                   w2c_src: Tensor, # (S,4,4)
+                   cfg: CrossViewConfig, # thresholds and chunking
+                   src_maps: Tensor|None=None, # (S,1,H+2,W+2) sources prepared by `_source_maps` (`cross_view_check` makes them once)
+                   src_ids: Tensor|None=None, # (S,) int: the sources are `src_maps[src_ids]` (then `src_maps` may hold every view)
+                  ) -> dict:
+    "`check_view` on the checked pixels only: their flat indices `idx`, count, kept, depth and sigma (0 where not kept)."
+    dims = check_shape(depth_ref, "1 1 H W", "depth_ref"); H, W = dims["H"], dims["W"]
+    if src_maps is None: src_maps, src_ids = _source_maps(depth_src), None
+    S = len(src_ids) if src_ids is not None else src_maps.shape[0]
+    sc = S if cfg.src_chunk is None else min(cfg.src_chunk, S)
+    N, dt, dev = H * W, depth_ref.dtype, depth_ref.device
+    ok_ref = valid_depth(depth_ref).reshape(N)
+    cand = ok_ref if conf_ref is None or not cfg.skip_low_conf else ok_ref & (conf_ref.reshape(N) > cfg.tau_conf)
+    idx = cand.nonzero()[:, 0]  # the pixels that can be kept, checked in chunks of `chunk`
+    d_c = depth_ref.reshape(N)[idx]
+    u_c, v_c = (idx % W).to(dt), torch.div(idx, W, rounding_mode="floor").to(dt)
+    baseline = (camera_centers(w2c_src.double()) - camera_centers(w2c_ref.double())[None]).norm(dim=-1)
+    fb = (K_src[:, 0, 0].double() * baseline).to(dt)  # focal · baseline (method="disparity")
+    chunk = max(1, cfg.max_batch_pixels // sc)
+    # the compiled kernel forms map indices in float32: exact for framed maps below 2^24 pixels (5000x3300)
+    use_compiled = _want_compiled(cfg, len(idx) * S, dev) and src_maps[0].numel() < (1 << 24)
+    if use_compiled:
+        try:
+            count_c, s1_c, s2_c = _accumulate_compiled(d_c, u_c, v_c, K_ref, w2c_ref, K_src, w2c_src, fb,
+                                                       src_maps, src_ids, cfg, sc, N)
+        except Exception as e:  # no C++ compiler / triton, or an inductor bug: warn once, stay eager
+            _compile_failed(e, dev); use_compiled = False
+    if not use_compiled:
+        p_c = torch.stack([u_c, v_c, torch.ones_like(d_c)], 1)  # Nc,3 (u, v, 1)
+        count_c = torch.zeros(len(idx), dtype=torch.int32, device=dev)
+        s1_c, s2_c = torch.zeros_like(d_c), torch.zeros_like(d_c)
+    for s0 in (range(0, S, sc) if not use_compiled else ()):
+        sl = slice(s0, s0 + sc)
+        maps = src_maps[src_ids[sl]] if src_ids is not None else src_maps[sl]
+        mats = _pair_maps(K_ref, w2c_ref, K_src[sl], w2c_src[sl], maps.shape[-2], maps.shape[-1], dt)
+        for c0 in range(0, len(idx), chunk):
+            blk = slice(c0, c0 + chunk)
+            z_src, _, d_src, valid, p_h = _round_trip(d_c[blk], p_c[blk], maps, mats, cfg.sample_mode, cfg.eps)
+            ok = _consistent(z_src, d_src, valid, p_h, p_c[blk], d_c[blk], cfg, fb[sl])
+            delta = torch.where(ok, p_h[2] - d_c[blk], torch.zeros_like(d_src))  # S,n
+            count_c[blk] += ok.sum(0, dtype=torch.int32)
+            s1_c[blk] += delta.sum(0); s2_c[blk] += (delta * delta).sum(0)
+    # the outputs, computed on the checked pixels only
+    need = cfg.required_views(S)
+    n1 = (count_c + 1).to(dt)
+    mean_delta = s1_c / n1
+    sigma_c = (s2_c / n1 - mean_delta ** 2).clamp(min=0).sqrt()
+    keep = count_c >= need
+    if conf_ref is not None and not cfg.skip_low_conf: keep &= conf_ref.reshape(N)[idx] > cfg.tau_conf
+    return dict(idx=idx, count=count_c, keep=keep, depth=torch.where(keep, d_c + mean_delta, 0),
+                sigma=torch.where(keep, sigma_c, 0), required_views=need)
+
 def check_view(depth_ref: Tensor, # (1,1,H,W) reference z-depth; 0/NaN = none
                conf_ref: Tensor|None, # (1,1,H,W) reference confidence, or None (no confidence test)
                K_ref: Tensor, # (3,3)
@@ -197,46 +371,17 @@ def check_view(depth_ref: Tensor, # (1,1,H,W) reference z-depth; 0/NaN = none
                w2c_src: Tensor, # (S,4,4)
                cfg: CrossViewConfig, # thresholds and chunking
                src_maps: Tensor|None=None, # (S,1,H+2,W+2) sources prepared by `_source_maps` (`cross_view_check` makes them once)
+               src_ids: Tensor|None=None, # (S,) int: the sources are `src_maps[src_ids]` (then `src_maps` may hold every view)
               ) -> dict: # depth, sigma (1,1,H,W) float; count (1,1,H,W) int16; mask (1,1,H,W) bool; required_views int
     "The cross-view check of one reference view against its sources (chunked over sources and pixels)."
-    dims = check_shape(depth_ref, "1 1 H W", "depth_ref"); H, W = dims["H"], dims["W"]
-    S = (src_maps if src_maps is not None else depth_src).shape[0]
-    sc = S if cfg.src_chunk is None else min(cfg.src_chunk, S)
-    N, dt, dev = H * W, depth_ref.dtype, depth_ref.device
-    ok_ref = valid_depth(depth_ref).reshape(N)
-    cand = ok_ref if conf_ref is None or not cfg.skip_low_conf else ok_ref & (conf_ref.reshape(N) > cfg.tau_conf)
-    idx = cand.nonzero()[:, 0]  # the pixels that can be kept, checked in chunks of `chunk`
-    d_c = depth_ref.reshape(N)[idx]
-    p_c = torch.stack([(idx % W).to(dt), torch.div(idx, W, rounding_mode="floor").to(dt), torch.ones_like(d_c)], 1)  # Nc,3 (u, v, 1)
-    count_c = torch.zeros(len(idx), dtype=torch.int32, device=dev)
-    s1_c, s2_c = torch.zeros_like(d_c), torch.zeros_like(d_c)
-    baseline = (camera_centers(w2c_src.double()) - camera_centers(w2c_ref.double())[None]).norm(dim=-1)
-    fb = (K_src[:, 0, 0].double() * baseline).to(dt)  # focal · baseline (method="disparity")
-    chunk = max(1, cfg.max_batch_pixels // sc)
-    for s0 in range(0, S, sc):
-        sl = slice(s0, s0 + sc)
-        maps = src_maps[sl] if src_maps is not None else _source_maps(depth_src[sl])
-        mats = _pair_maps(K_ref, w2c_ref, K_src[sl], w2c_src[sl], maps.shape[-2], maps.shape[-1], dt)
-        for c0 in range(0, len(idx), chunk):
-            blk = slice(c0, c0 + chunk)
-            z_src, _, d_src, valid, p_h = _round_trip(d_c[blk], p_c[blk], maps, mats, cfg.sample_mode, cfg.eps)
-            ok = _consistent(z_src, d_src, valid, p_h, p_c[blk], d_c[blk], cfg, fb[sl])
-            delta = torch.where(ok, p_h[2] - d_c[blk], torch.zeros_like(d_src))  # S,n
-            count_c[blk] += ok.sum(0, dtype=torch.int32)
-            s1_c[blk] += delta.sum(0); s2_c[blk] += (delta * delta).sum(0)
-    count = torch.zeros(N, dtype=torch.int32, device=dev); s1, s2 = depth_ref.new_zeros(N), depth_ref.new_zeros(N)
-    count[idx], s1[idx], s2[idx] = count_c, s1_c, s2_c
-    count, s1, s2 = (x.reshape(1, 1, H, W) for x in (count, s1, s2))
-    need = cfg.required_views(S)
-    ok_ref = ok_ref.reshape(1, 1, H, W)
-    n1 = (count + 1).to(depth_ref.dtype)
-    mean_delta = s1 / n1
-    sigma = (s2 / n1 - mean_delta ** 2).clamp(min=0).sqrt()
-    mask = ok_ref & (count >= need)
-    if conf_ref is not None: mask &= conf_ref > cfg.tau_conf
-    zero = torch.zeros_like(depth_ref)
-    return dict(depth=torch.where(mask, depth_ref + mean_delta, zero), sigma=torch.where(mask, sigma, zero),
-                count=torch.where(ok_ref, count, torch.zeros_like(count)).to(torch.int16), mask=mask, required_views=need)
+    dims = check_shape(depth_ref, "1 1 H W", "depth_ref"); N = dims["H"] * dims["W"]
+    o = _check_compact(depth_ref, conf_ref, K_ref, w2c_ref, depth_src, K_src, w2c_src, cfg, src_maps, src_ids)
+    idx, dev = o["idx"], depth_ref.device
+    zero = depth_ref.new_zeros(N)
+    r = lambda x: x.reshape(depth_ref.shape)
+    return dict(depth=r(zero.index_put((idx,), o["depth"])), sigma=r(zero.index_put((idx,), o["sigma"])),
+                count=r(torch.zeros(N, dtype=torch.int16, device=dev).index_put((idx,), o["count"].to(torch.int16))),
+                mask=r(torch.zeros(N, dtype=torch.bool, device=dev).index_put((idx,), o["keep"])), required_views=o["required_views"])
 
 # %% ../nbs/31_crossview.ipynb #57eb0528
 def _shape(x, spec, name, dims):
@@ -264,17 +409,18 @@ def _sources(pairs, V: int, cfg: CrossViewConfig) -> dict[int, list[int]]:
     if missing: raise InputError(f"views {missing[:10]} have no entry in pairs", field="pairs")
     return out
 
-def _validate(depths, confs, K, w2c) -> int:
+def _validate(depths, confs, K, w2c) -> tuple[int, Tensor]: # V, valid (V,1,H,W) bool (as `valid_depth`)
     dims = _shape(depths, "V 1 H W", "depths", {})
     if confs is not None: _shape(confs, "V 1 H W", "confs", dims)
     _shape(K, "V 3 3", "K", dims); _shape(w2c, "V 4 4", "w2c", dims)
-    has = valid_depth(depths).flatten(1).any(1)
+    valid = (depths > 0) & (depths < math.inf)  # `valid_depth` in two passes: NaN fails both tests
+    has = valid.flatten(1).any(1)
     for v in (~has).nonzero()[:, 0].tolist():
         raise InputError(f"depth map of view {v} has no valid pixel (all zero, negative or NaN)", field=f"depths[{v}]")
     for v in range(dims["V"]):
         try: check_camera(K[v].cpu(), w2c[v].cpu())
         except InputError as e: raise InputError(f"camera of view {v}: {e.msg}", field=f"{e.field}[{v}]") from None
-    return dims["V"]
+    return dims["V"], valid
 
 # %% ../nbs/31_crossview.ipynb #2909ca83
 def cross_view_check(depths: Tensor, # (V,1,H,W) z-depth per view; 0/NaN = none
@@ -287,22 +433,28 @@ def cross_view_check(depths: Tensor, # (V,1,H,W) z-depth per view; 0/NaN = none
                     ) -> CrossViewResult:
     "Check every view's depth against its listed sources; checked depth, spread, counts and masks."
     cfg = CrossViewConfig.preset(cfg) if isinstance(cfg, str) else (cfg or CrossViewConfig())
-    V = _validate(depths, confs, K, w2c)
+    V, valid = _validate(depths, confs, K, w2c)
     srcs = _sources(pairs, V, cfg)
     dev = depths.device
     depths = depths.float(); K = K.to(dev, torch.float32); w2c = w2c.to(dev, torch.float32)
     confs = None if confs is None else confs.to(dev, torch.float32)
     out = CrossViewResult(torch.zeros_like(depths), torch.zeros_like(depths), torch.zeros(depths.shape, dtype=torch.int16, device=dev),
                           torch.zeros(depths.shape, dtype=torch.bool, device=dev), depths.new_zeros(V), [0] * V, cfg)
-    maps = depths.new_full((V, 1, depths.shape[2] + 2, depths.shape[3] + 2), _INVALID)  # prepared once, view by view
-    for v in range(V): maps[v:v + 1] = _source_maps(depths[v:v + 1])
-    for v in (range(V) if views is None else views):
+    maps = depths.new_full((V, 1, depths.shape[2] + 2, depths.shape[3] + 2), _INVALID)  # as `_source_maps`, prepared once
+    maps[:, :, 1:-1, 1:-1] = torch.where(valid, depths, _INVALID)
+    todo = list(range(V) if views is None else views)
+    if cfg.compile == "auto":  # decide once for the whole call: compile when the work pays for it
+        work = sum(len(srcs.get(v, ())) for v in todo) * depths.shape[2] * depths.shape[3]
+        cfg = replace(cfg, compile=_want_compiled(cfg, work, dev))
+    for v in todo:
         if not 0 <= v < V: raise InputError(f"view {v} is not one of the {V} views", field="views")
         ids = torch.tensor(srcs[v], device=dev)
-        o = check_view(depths[v:v + 1], None if confs is None else confs[v:v + 1], K[v], w2c[v], None, K[ids], w2c[ids], cfg, maps[ids])
-        out.depth[v], out.sigma[v], out.count[v], out.mask[v] = o["depth"][0], o["sigma"][0], o["count"][0], o["mask"][0]
+        o = _check_compact(depths[v:v + 1], None if confs is None else confs[v:v + 1], K[v], w2c[v], None, K[ids], w2c[ids], cfg, maps, ids)
+        idx = (o["idx"],)  # scattered straight into the outputs
+        out.depth[v].view(-1).index_put_(idx, o["depth"]); out.sigma[v].view(-1).index_put_(idx, o["sigma"])
+        out.count[v].view(-1).index_put_(idx, o["count"].to(torch.int16)); out.mask[v].view(-1).index_put_(idx, o["keep"])
         out.required_views[v] = o["required_views"]
-    out.kept_fraction = out.mask.flatten(1).sum(1) / valid_depth(depths).flatten(1).sum(1).clamp(min=1)
+        out.kept_fraction[v] = o["keep"].sum() / valid[v].sum().clamp(min=1)  # views not checked keep 0
     return out
 
 # %% ../nbs/31_crossview.ipynb #1ca5fb6b

@@ -21,10 +21,11 @@ from .io import (read_cam_txt, write_cam_txt, read_pair_txt, write_pair_txt, rea
 # %% auto #0
 __all__ = ['DTU_TEST_SCANS', 'DTU_VAL_SCANS', 'DTU_TRAIN_SCANS', 'DTU_SPLITS', 'DTU_TRAIN_CAM_HW', 'DTU_NUM_VIEWS',
            'DTU_NUM_LIGHTS', 'IMAGE_EXTS', 'MIDDLEBURY_BBOXES', 'MOTORCYCLE_CALIB', 'fit_view', 'MVSDataset',
-           'SceneDataset', 'DTUTestDataset', 'DTUTrainDataset', 'write_mvs_scene', 'load_manifest', 'file_checksums',
-           'check_dataset', 'camera_from_middlebury_par', 'read_middlebury_par', 'box_corners', 'bbox_depth_range',
-           'import_middlebury_ring', 'read_strecha_camera', 'camera_from_strecha', 'optical_axes_convergence',
-           'import_strecha', 'camera_from_rectified_stereo', 'depth_from_disparity', 'import_stereo_pair']
+           'SceneDataset', 'SupervisionViews', 'DTUTestDataset', 'DTUTrainDataset', 'write_mvs_scene', 'load_manifest',
+           'file_checksums', 'check_dataset', 'camera_from_middlebury_par', 'read_middlebury_par', 'box_corners',
+           'bbox_depth_range', 'import_middlebury_ring', 'read_strecha_camera', 'camera_from_strecha',
+           'optical_axes_convergence', 'import_strecha', 'camera_from_rectified_stereo', 'depth_from_disparity',
+           'import_stereo_pair']
 
 # %% ../nbs/04_data.ipynb #e407d3bb
 DTU_TEST_SCANS = [1, 4, 9, 10, 11, 12, 13, 15, 23, 24, 29, 32, 33, 34, 48, 49, 62, 75, 77, 110, 114, 118]
@@ -131,6 +132,7 @@ class MVSDataset(Dataset):
         self.num_views, self.height, self.width, self.fit, self.divisor = num_views, height, width, fit, divisor
         self.num_depth, self.interval_scale, self.legacy_intrinsics = num_depth, interval_scale, legacy_intrinsics
         self.samples: list[tuple[str, int, list[int], int]] = []  # (scan, ref, srcs, light)
+        self.candidates: dict[tuple[str, int], list[tuple[int, float]]] = {}  # (scan, ref) -> every listed (src, score)
 
     def _add_samples(self, scan: str, pairs, lights=(-1,), where=None):
         "Append one sample per (reference, light); sources are the first `num_views - 1` of `pair.txt`."
@@ -140,6 +142,7 @@ class MVSDataset(Dataset):
                 raise InputError(f"view {ref} has {len(srcs)} source views but num_views={self.num_views} needs "
                                  f"{self.num_views - 1}", path=where, line=2 * k + 3, field="num_src")
             self.samples += [(scan, ref, ids, light) for light in lights]
+            self.candidates[(scan, ref)] = [(int(s), float(score)) for s, score in srcs]
 
     def __len__(self): return len(self.samples)
     def _view(self, scan: str, view: int, light: int) -> _View: raise NotImplementedError
@@ -213,6 +216,43 @@ class SceneDataset(MVSDataset):
         mask = (depth > 0) if valid is None else valid[view].bool()
         return depth, mask
 _LAYOUTS["scene"] = SceneDataset
+
+# %% ../nbs/04_data.ipynb #21ff73c3
+class SupervisionViews(Dataset):
+    "Items of `dataset` plus `n` supervision views sampled from the reference's top `top` sources by pair score (DIV §3.4)."
+    def __init__(self, dataset: MVSDataset, # any `MVSDataset` (its pair lists give the candidates and scores)
+                 top: int=10, # M: sample among this many best-scored listed sources (DIV on DTU: 10)
+                 n: int|None=None, # supervision views per item; None → dataset.num_views - 1 (the network's source count)
+                 generator: torch.Generator|None=None, # None: the global torch RNG
+                ):
+        n = dataset.num_views - 1 if n is None else int(n)
+        if n < 1: raise InputError(f"needs at least one supervision view, got n={n}", field="n")
+        if top < n: raise InputError(f"cannot draw {n} views from the top {top}", field="top")
+        self.dataset, self.top, self.n, self.generator = dataset, int(top), n, generator
+
+    def __len__(self): return len(self.dataset)
+
+    def __getattr__(self, name):  # root, samples, num_views, ... of the wrapped dataset
+        if name.startswith("__") or "dataset" not in self.__dict__: raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+    @torch.no_grad()
+    def __getitem__(self, i: int) -> dict:
+        from mvsnb.losses.div import sample_supervision_views
+        ds = self.dataset
+        item = ds[i]
+        scan, ref, _, light = ds.samples[i]
+        cands = ds.candidates[(scan, ref)]
+        scores = torch.tensor([s for _, s in cands], dtype=torch.float64)
+        try: pick = sample_supervision_views(scores, self.top, self.n, generator=self.generator)
+        except InputError as e: raise InputError(f"{scan} view {ref}: {e.msg}", field="pair_scores") from None
+        ids = [cands[k][0] for k in pick.tolist()]
+        views = [ds._view(scan, v, light) for v in ids]
+        _check_sizes(views)
+        fitted = [fit_view(v.image, v.K, ds.height, ds.width, ds.fit, ds.divisor, legacy_intrinsics=ds.legacy_intrinsics) for v in views]
+        item.update(sup_images=torch.stack([f["image"] for f in fitted]).float(), sup_K=torch.stack([f["K"] for f in fitted]).float(),
+                    sup_w2c=torch.stack([v.w2c for v in views]).float(), sup_ids=torch.tensor(ids))
+        return item
 
 # %% ../nbs/04_data.ipynb #8e4b4c6b
 def _natural_key(s: str): return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]

@@ -16,7 +16,7 @@ from .camera import inverse_intrinsics
 from .models.blocks import FPN
 from .patchmatch import (PatchMatchConfig, PatchMatchHooks, prepare_context, init_state, patchmatch_sweep,
                               confidence, single_thread, SINGLE_THREAD_BELOW, neighbour_indices, propagation_pattern,
-                              aggregate_views, patchmatch, evaluation_masks)
+                              aggregate_views, patchmatch, evaluation_masks, DIRECTIONS)
 from .crossview import cross_view_check, CrossViewConfig
 from .metrics import depth_metrics
 
@@ -26,7 +26,8 @@ __all__ = ['ELASTIC_PRESETS', 'PART_AWARE_PRESETS', 'ElasticConfig', 'check_elas
            'camera_points', 'positive_sets', 'snn_loss', 'concentration_loss', 'elastic_loss', 'view_batches',
            'initial_reconstruction', 'consistency_mask', 'train_embedding', 'PartAwareConfig',
            'check_part_aware_config', 'part_aware_preset', 'part_confidence', 'part_candidates', 'correspondence_cost',
-           'smoothness_cost', 'part_aware_hooks', 'part_aware_patchmatch', 'region_metrics', 'evaluate_views']
+           'smoothness_cost', 'sampled_neighbours', 'part_aware_hooks', 'part_aware_patchmatch', 'region_metrics',
+           'evaluate_views']
 
 # %% ../nbs/41_elastic.ipynb #25fc9ed7
 @dataclass
@@ -311,7 +312,11 @@ class PartAwareConfig:
     beta: float = 0.5  # normal-similarity scale β of ω_q in Eq. 4 (paper §3.4: 0.5, as read here)
     smoothness_weight: float = 0.01  # λ of M_s + λ M_g, per depth interval of distance (paper: not given; mvsnb, seed 0)
     smoothness_distance: str = "point"  # "point": ‖e_p - e_q‖ (paper, L1 median); "plane": |n_qᵀ(e_p - e_q)| (mvsnb)
-    conf_source: str = "current"  # c_q from the "current" hypothesis, a given "prior" map, or their "product"
+    smoothness_set: str = "propagation"  # Eq. 4 over the propagation set T_p incl. the sampled far locations (paper); "pattern": the fixed pattern only
+    omega_normal: str = "current"  # n_p in ω_q: p's "current" normal (ω fixed while p's hypotheses compete; mvsnb) or each "hypothesis"' own
+    num_sampled: int = 4  # far locations drawn per far region and half-sweep (paper Fig. 3: candidates sampled in the part; count mvsnb's)
+    sample_radius: int = 40  # px: far locations at distance uniform in [3, sample_radius] (mvsnb; the paper gives none)
+    conf_source: str = "current"  # c_q from the "current" hypothesis, a given "prior" map, their "product", or "geometric" (current × cross-view consistency)
     num_propagated: int = 8  # K_p: the pattern must have this many regions (paper §3.4: 8)
     num_perturbed: int = 4  # K_r refinement hypotheses per half-sweep (paper §3.4: 4)
     iterations: int = 5  # sweeps (paper §3.2: 5)
@@ -323,8 +328,11 @@ class PartAwareConfig:
         return replace(self.patchmatch, pattern=self.pattern, iterations=self.iterations, num_perturb=self.num_perturbed)
 
 PART_AWARE_PRESETS = {
-    "paper": PartAwareConfig(),
-    "synthetic": PartAwareConfig(embed_threshold=0.5),  # δ tuned on seed 0 of the 64x80 scene (0.1 admits too few neighbours)
+    "paper": PartAwareConfig(conf_source="geometric"),  # c: photometric and geometric consistency (§3.2)
+    # δ, λ and the plane distance chosen on seed 0 of the 64x80 scene (δ = 0.1 admits too few neighbours there); the
+    # confidence of the current hypothesis chosen on seeds 1-5 (seed 0 had preferred "geometric") and checked on fresh seeds 6-8
+    "synthetic": PartAwareConfig(embed_threshold=0.5, smoothness_distance="plane", conf_source="current"),
+    "v1": PartAwareConfig(embed_threshold=0.5, smoothness_set="pattern", omega_normal="hypothesis", num_sampled=0),  # first session's synthetic preset
 }
 
 def check_part_aware_config(cfg: PartAwareConfig):
@@ -335,7 +343,11 @@ def check_part_aware_config(cfg: PartAwareConfig):
     for f in ("eta", "alpha", "smoothness_weight"):
         if not getattr(cfg, f) >= 0: bad(f, "must be ≥ 0")
     if cfg.smoothness_distance not in ("point", "plane"): bad("smoothness_distance", "must be 'point' or 'plane'")
-    if cfg.conf_source not in ("current", "prior", "product"): bad("conf_source", "must be 'current', 'prior' or 'product'")
+    if cfg.conf_source not in ("current", "prior", "product", "geometric"): bad("conf_source", "must be 'current', 'prior', 'product' or 'geometric'")
+    if cfg.smoothness_set not in ("propagation", "pattern"): bad("smoothness_set", "must be 'propagation' or 'pattern'")
+    if cfg.omega_normal not in ("current", "hypothesis"): bad("omega_normal", "must be 'current' or 'hypothesis'")
+    if not isinstance(cfg.num_sampled, int) or cfg.num_sampled < 0: bad("num_sampled", "must be an integer ≥ 0")
+    if not isinstance(cfg.sample_radius, int) or cfg.sample_radius < 4: bad("sample_radius", "must be an integer ≥ 4")
     if len(propagation_pattern(cfg.pattern)) != cfg.num_propagated:
         bad("num_propagated", f"must equal the number of regions of pattern {cfg.pattern if isinstance(cfg.pattern, str) else '(list)'} ({len(propagation_pattern(cfg.pattern))})")
 
@@ -347,11 +359,12 @@ def part_aware_preset(name: str, **overrides) -> PartAwareConfig:
 
 # %% ../nbs/41_elastic.ipynb #a1d8e142
 def part_confidence(ctx, state, # PatchMatchContext and PatchMatchState
-                    source: str="current", # "current", "prior" or "product"
+                    source: str="current", # "current", "prior", "product" or "geometric"
                    ) -> Tensor: # (B,1,H,W)
     "The confidence c of Eq. 2 and 4."
     if source == "prior": return ctx.features["prior_conf"]
     cur = confidence(state.cost, ctx.config)
+    if source == "geometric": return cur * ctx.features["geometric_conf"]
     return cur if source == "current" else cur * ctx.features["prior_conf"]
 
 def part_candidates(ctx, state,
@@ -396,6 +409,7 @@ def smoothness_cost(ctx, state,
                     beta: float=0.5, # normal-similarity scale of ω
                     distance: str="point", # "point" or "plane"
                     conf_source: str="current",
+                    omega_normal: Tensor|None=None, # (B,3,M) n_p used in ω; None: each hypothesis' own normal
                    ) -> Tensor: # (B,D,M) weighted mean distance in depth intervals; 0 where the set is empty
     "Part smoothness (Eq. 4): ω-weighted mean distance from each hypothesis' 3D point to the neighbours' points."
     B, S, H, W = ctx.shape
@@ -413,34 +427,73 @@ def smoothness_cost(ctx, state,
         dist = sq.clamp(min=0).sqrt()  # B,D,L,M
     else:
         dist = (d * (n_q * r_p[:, :, None]).sum(1)[:, None] - (n_q * e_q).sum(1)[:, None]).abs()
-    cos = torch.einsum("bkdm,bklm->bdlm", normal, n_q)
+    n_p = normal if omega_normal is None else omega_normal[:, :, None]  # B,3,D|1,M
+    cos = torch.einsum("bkdm,bklm->bdlm", n_p, n_q)
     w = c_q[:, None] * torch.exp((cos - 1) / beta) * use.reshape(B, 1, L, M)  # B,D,L,M
     sw = w.sum(2)
     return torch.where(sw > 1e-12, (w * dist).sum(2) / sw.clamp(min=1e-12), torch.zeros_like(sw)) / interval[:, 0]
 
+# %% ../nbs/41_elastic.ipynb #59bd7a60
+def sampled_neighbours(idx: Tensor, # (M,) flat indices of the pixels being updated
+                       regions: list, # from `propagation_pattern`
+                       H: int, W: int,
+                       num: int, # locations drawn per far region
+                       radius: int, # px: distances uniform in [3, radius]
+                       generator: torch.Generator|None=None,
+                       far_regions: tuple=(4, 5, 6, 7), # regions that get samples; region i looks along DIRECTIONS[i % 4]
+                      ) -> tuple[Tensor, Tensor]: # nbr (R,n+num,M) flat (clamped), inside (R,n+num,M) bool
+    "The pattern's neighbours plus `num` random locations per far region, in the 90° sector around its direction."
+    nbr, inside = neighbour_indices(idx, regions, H, W)  # R,n,M
+    if num == 0: return nbr, inside
+    R, n, M = nbr.shape
+    shape = (len(far_regions), num, M)
+    r = 3 + (radius - 3) * torch.rand(shape, generator=generator, device=idx.device)
+    axis = idx.new_tensor([math.atan2(*DIRECTIONS[i % 4]) for i in far_regions], dtype=r.dtype)[:, None, None]  # atan2(dy, dx)
+    theta = axis + (torch.rand(shape, generator=generator, device=idx.device) - 0.5) * (math.pi / 2)
+    y = idx // W + torch.round(r * torch.sin(theta)).long()
+    x = idx % W + torch.round(r * torch.cos(theta)).long()
+    ok = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    far = y.clamp(0, H - 1) * W + x.clamp(0, W - 1)
+    nbr = torch.cat([nbr, nbr[:, :1].expand(-1, num, -1)], 1).clone()
+    inside = torch.cat([inside, torch.zeros_like(inside[:, :1]).expand(-1, num, -1)], 1).clone()
+    for k, i in enumerate(far_regions): nbr[i, n:], inside[i, n:] = far[k], ok[k]
+    return nbr, inside
+
 # %% ../nbs/41_elastic.ipynb #c3852703
 def part_aware_hooks(config: PartAwareConfig) -> PatchMatchHooks:
-    "The `mvsnb.patchmatch` hooks of part-aware PatchMatch (Eq. 2 filter; Eqs. 3-4 extra cost), ablation switches applied."
+    "The `mvsnb.patchmatch` hooks of part-aware PatchMatch (sampled Eq. 2 propagation; Eqs. 3-4 extra cost), ablation switches applied."
     regions = propagation_pattern(config.pattern)
     cs = config.conf_source
+    sampling = config.part_propagation and config.num_sampled > 0  # "w/o PR": the fixed pattern, as Gipuma
+
+    def neighbours(ctx, state, idx, generator):
+        B, S, H, W = ctx.shape
+        nbr, inside = sampled_neighbours(idx, regions, H, W, config.num_sampled, config.sample_radius, generator)
+        ctx.features["propagation_set"] = (idx, nbr, inside)  # Eq. 4 sums over the same locations in this half-sweep
+        return nbr, inside
 
     def candidate_filter(ctx, state, idx, nbr, valid):
         if not config.part_propagation: return valid
         return valid & part_candidates(ctx, state, idx, nbr, config.embed_threshold, config.eta, cs)
+
+    def smoothness_set(ctx, idx):
+        cached = ctx.features.get("propagation_set")
+        if config.smoothness_set == "propagation" and cached is not None and torch.equal(cached[0], idx): return cached[1:]
+        return neighbour_indices(idx, regions, *ctx.shape[2:])  # initialisation, or smoothness_set="pattern"
 
     def extra_cost(ctx, state, idx, depth, normal):
         cost = torch.zeros_like(depth)
         if config.part_correspondence and config.alpha > 0:
             cost = cost + config.alpha * correspondence_cost(ctx, idx, depth)
         if config.smoothness_weight > 0:
-            B, S, H, W = ctx.shape
-            nbr, inside = neighbour_indices(idx, regions, H, W)
-            use = inside[None].expand(B, -1, -1, -1)
+            nbr, inside = smoothness_set(ctx, idx)
+            use = inside[None].expand(ctx.shape[0], -1, -1, -1)
             if config.part_smoothness: use = use & part_candidates(ctx, state, idx, nbr, config.embed_threshold, config.eta, cs)
+            n_p = state.normal.flatten(2)[:, :, idx] if config.omega_normal == "current" else None
             cost = cost + config.smoothness_weight * smoothness_cost(ctx, state, idx, depth, normal, nbr, use, config.beta,
-                                                                     config.smoothness_distance, cs)
+                                                                     config.smoothness_distance, cs, n_p)
         return cost
-    return PatchMatchHooks(candidate_filter=candidate_filter, extra_cost=extra_cost)
+    return PatchMatchHooks(candidate_filter=candidate_filter, extra_cost=extra_cost, neighbours=neighbours if sampling else None)
 
 def part_aware_patchmatch(images: Tensor, # (B,V,3,H,W) reference first, then sources
                           K: Tensor, # (B,V,3,3)
@@ -452,27 +505,28 @@ def part_aware_patchmatch(images: Tensor, # (B,V,3,H,W) reference first, then so
                           prior_conf: Tensor|None=None, # (B,1,H,W), for conf_source "prior"/"product"
                           init: tuple[Tensor, Tensor]|None=None, # optional start (depth, normal), as in `patchmatch`
                           on_sweep: Callable|None=None, # (ctx, state, iteration), as in `PatchMatchHooks`
-                         ) -> dict: # depth, normal, cost, conf, extra (B,1|3,H,W), as `patchmatch` returns
+                          pairs: list|None=None, # conf_source="geometric": the scene's pairs; batch item b is view b (`view_batches`)
+                          min_consistent: int=2, # conf_source="geometric": consistent sources a pixel needs
+                         ) -> dict: # depth, normal, cost, conf, extra (B,1|3,H,W), view_cost, as `patchmatch` returns
     "ElasticMVS part-aware PatchMatch: part propagation, embedding correspondence and part smoothness."
     cfg = config or PartAwareConfig(); check_part_aware_config(cfg)
-    pm = cfg.patchmatch_config()
-    ctx = prepare_context(images, K, w2c, depth_min, depth_max, pm)
-    B, S, H, W = ctx.shape
-    check_shape(embedding, f"{B} {S + 1} D {H} {W}", "embedding")
-    ctx.features["embedding"] = embedding.to(images.dtype)
-    if cfg.conf_source != "current":
+    check_shape(images, "B V 3 H W", "images")
+    B, V, _, H, W = images.shape
+    check_shape(embedding, f"{B} {V} D {H} {W}", "embedding")
+    features = dict(embedding=embedding.to(images.dtype))
+    if cfg.conf_source in ("prior", "product"):
         if prior_conf is None: raise InputError(f"conf_source={cfg.conf_source!r} needs prior_conf", field="prior_conf")
-        check_shape(prior_conf, f"{B} 1 {H} {W}", "prior_conf"); ctx.features["prior_conf"] = prior_conf
+        check_shape(prior_conf, f"{B} 1 {H} {W}", "prior_conf"); features["prior_conf"] = prior_conf
     hooks = part_aware_hooks(cfg)
     hooks.on_sweep = on_sweep
-    gen = torch.Generator(device=images.device).manual_seed(seed)
-    with single_thread(images.device.type == "cpu" and B * S * H * W < SINGLE_THREAD_BELOW):
-        state = init_state(ctx, gen, hooks, init)
-        if on_sweep is not None: on_sweep(ctx, state, -1)
-        for it in range(pm.iterations):
-            patchmatch_sweep(ctx, state, it, gen, hooks)
+    if cfg.conf_source == "geometric":
+        if pairs is None or len(pairs) != B: raise InputError(f"conf_source='geometric' needs the pairs of the {B} views of the batch", field="pairs")
+        features["geometric_conf"] = images.new_ones(B, 1, H, W)
+        def refresh(ctx, state, it):
+            if it >= 0: ctx.features["geometric_conf"] = consistency_mask(state.depth, K[:, 0], w2c[:, 0], pairs, min_consistent).to(state.depth.dtype)
             if on_sweep is not None: on_sweep(ctx, state, it)
-    return dict(depth=state.depth, normal=state.normal, cost=state.cost, conf=confidence(state.cost, pm), extra=state.extra)
+        hooks.on_sweep = refresh
+    return patchmatch(images, K, w2c, depth_min, depth_max, cfg.patchmatch_config(), seed, hooks, init, features)
 
 # %% ../nbs/41_elastic.ipynb #20f67d80
 def region_metrics(depth: Tensor, # (N,1,H,W) predicted depth

@@ -269,6 +269,7 @@ class PatchMatchHooks:
     candidate_filter: Callable|None = None  # (ctx, state, idx (M,), nbr_idx (R,n,M), valid (B,R,n,M)) -> valid (B,R,n,M)
     extra_cost: Callable|None = None  # (ctx, state, idx (M,), depth (B,D,M), normal (B,3,D,M)) -> (B,D,M)
     on_sweep: Callable|None = None  # (ctx, state, iteration) -> None; iteration -1 after initialisation
+    neighbours: Callable|None = None  # (ctx, state, idx (M,), generator) -> (nbr_idx (R,n,M), inside (R,n,M)); default: the pattern
 
 # %% ../nbs/40_patchmatch.ipynb #d35760eb
 def checkerboard_masks(H: int, W: int, device=None) -> Tensor: # (2,H,W) bool: red (i+j even), black
@@ -361,10 +362,12 @@ def plane_depth(depth_q: Tensor, # (B,...) z-depth of neighbour q
 def propagation_candidates(ctx: PatchMatchContext, state: PatchMatchState,
                            idx: Tensor, # (M,) flat indices of the pixels being updated (one colour)
                            hooks: PatchMatchHooks|None=None,
+                           generator: torch.Generator|None=None, # passed to the `neighbours` hook
                           ) -> tuple[Tensor, Tensor, Tensor]: # depth (B,R,M), normal (B,3,R,M), valid (B,R,M)
     "One candidate per pattern region: the lowest-cost usable neighbour, its plane carried to the pixel."
     B, S, H, W = ctx.shape
-    nbr, inside = neighbour_indices(idx, propagation_pattern(ctx.config.pattern), H, W)  # R,n,M
+    if hooks is not None and hooks.neighbours is not None: nbr, inside = hooks.neighbours(ctx, state, idx, generator)
+    else: nbr, inside = neighbour_indices(idx, propagation_pattern(ctx.config.pattern), H, W)  # R,n,M
     R, n, M = nbr.shape
     cost = state.total.flatten(2)[:, 0, nbr.flatten()].reshape(B, R, n, M)
     valid = inside[None] & torch.isfinite(cost)
@@ -456,7 +459,7 @@ def patchmatch_sweep(ctx: PatchMatchContext, state: PatchMatchState,
     cfg, (B, S, H, W) = ctx.config, ctx.shape
     for colour in checkerboard_masks(H, W, ctx.rays.device):
         idx = colour.flatten().nonzero()[:, 0]
-        depth, normal, valid = propagation_candidates(ctx, state, idx, hooks)
+        depth, normal, valid = propagation_candidates(ctx, state, idx, hooks, generator)
         select_best(ctx, state, idx, depth, normal, valid, hooks)
         if cfg.num_perturb > 0:
             depth, normal = perturbed_hypotheses(ctx, state, idx, cfg.perturb_decay ** iteration, generator)
@@ -490,9 +493,11 @@ def patchmatch(images: Tensor, # (B,V,3,H,W) reference first, then sources; in [
                seed: int=0, # seeds initialisation and perturbations: same seed, same result
                hooks: PatchMatchHooks|None=None,
                init: tuple[Tensor, Tensor]|None=None, # optional start (depth (B,1,H,W), normal (B,3,H,W))
+               features: dict|None=None, # put into `PatchMatchContext.features` for the hooks (e.g. embeddings)
               ) -> dict: # depth (B,1,H,W), normal (B,3,H,W) camera frame, cost, conf, extra (B,1,H,W), view_cost (B,S,H,W)
-    "PatchMatch MVS depth and normal maps of the reference views (Gipuma/ACMH-like)."
+    "PatchMatch MVS depth and normal maps of the reference views (Gipuma/ACMH-like); variants plug in through `hooks` and `features`."
     ctx = prepare_context(images, K, w2c, depth_min, depth_max, config)
+    ctx.features.update(features or {})
     gen = torch.Generator(device=images.device).manual_seed(seed)
     B, S, H, W = ctx.shape
     with single_thread(images.device.type == "cpu" and B * S * H * W < SINGLE_THREAD_BELOW):

@@ -14,8 +14,9 @@ from torch import Tensor
 from .core import InputError, MvsnbError, check_shape, valid_depth, atomic_dir, atomic_path
 
 # %% auto #0
-__all__ = ['LABEL_KINDS', 'TEACHERS', 'INITS', 'SELFTRAIN_PRESETS', 'infer_depths', 'write_depth_outputs', 'observed_region',
-           'label_quality', 'RunInfo', 'read_run', 'scene_for_run', 'tiny_teacher', 'pipeline_notebook',
+__all__ = ['PSEUDO_LOSSES', 'UNSUP_PIXELS', 'LABEL_KINDS', 'TEACHERS', 'INITS', 'SELFTRAIN_PRESETS', 'infer_depths',
+           'write_depth_outputs', 'observed_region', 'label_quality', 'RunInfo', 'read_run', 'scene_for_run',
+           'tiny_teacher', 'pipeline_notebook', 'HybridLossConfig', 'detach_labelled', 'HybridLoss', 'hybrid_config',
            'SelfTrainConfig', 'selftrain_rounds', 'rounds_table']
 
 # %% ../nbs/51_selftrain.ipynb #390039c9
@@ -225,6 +226,93 @@ def pipeline_notebook(name: str) -> Path: # e.g. "20_pseudo_labels" → .../nbs/
     if not p.is_file(): raise InputError("pipeline notebook not found (mvsnb must be installed from its source tree, e.g. `pip install -e .`)", path=p)
     return p
 
+# %% ../nbs/51_selftrain.ipynb #38d87fe7
+PSEUDO_LOSSES = ("pseudo_l1", "kd_paper", "kd_release")
+UNSUP_PIXELS = ("all", "unlabelled")
+
+@dataclass
+class HybridLossConfig:
+    "Pseudo-label loss + λ · an unsupervised loss (an mvsnb extension: neither Self-sup CVP nor KD-MVS does this)."
+    pseudo: str = "pseudo_l1" # the pseudo-label loss: "pseudo_l1" (Self-sup CVP Eq. 1), "kd_paper" or "kd_release" (mvsnb.kd)
+    pseudo_overrides: dict = field(default_factory=dict) # KDConfig fields changed in it
+    unsup: str = "khot" # the unsupervised loss: a preset of `mvsnb.losses.unsup.UNSUP_PRESETS` (the teacher's, e.g. "khot")
+    unsup_overrides: dict = field(default_factory=dict) # UnsupLossConfig fields changed in it
+    weight: float = 0.0 # λ ≥ 0 on the unsupervised term; 0 → exactly the pseudo-label loss (mvsnb default: off)
+    pixels: str = "all" # "all": the unsupervised term on every pixel; "unlabelled": its gradient only through unlabelled pixels' outputs
+
+    def __post_init__(self):
+        from mvsnb.losses.unsup import UNSUP_PRESETS
+        def bad(k, msg): raise InputError(msg, field=k)
+        if self.pseudo not in PSEUDO_LOSSES: bad("pseudo", f"must be one of {PSEUDO_LOSSES}, got {self.pseudo!r}")
+        if self.unsup not in UNSUP_PRESETS: bad("unsup", f"must be an unsupervised loss preset {sorted(UNSUP_PRESETS)}, got {self.unsup!r}")
+        if self.pixels not in UNSUP_PIXELS: bad("pixels", f"must be one of {UNSUP_PIXELS}, got {self.pixels!r}")
+        if not (isinstance(self.weight, (int, float)) and self.weight >= 0 and self.weight < float("inf")):
+            bad("weight", f"must be a finite number >= 0, got {self.weight!r}")
+        for k in ("pseudo_overrides", "unsup_overrides"):
+            if not isinstance(getattr(self, k), dict): bad(k, f"must be a dict of config fields, got {getattr(self, k)!r}")
+
+_PIXEL_MAPS = ("depth", "prob_volume", "depth_hyps", "conf", "log_var")
+
+def detach_labelled(outputs: dict, # network outputs (`mvsnb.models` contract)
+                    labelled: Tensor, # (B,1,H,W) bool: pixels of the reference view that carry a pseudo label
+                   ) -> dict: # the same outputs (same values) with no gradient through labelled pixels' maps
+    "Copy of `outputs` whose per-pixel maps of every stage are detached at labelled pixels (nearest-downsampled mask)."
+    check_shape(labelled, "B 1 H W", "labelled")
+    def cut(st: dict) -> dict:
+        new = dict(st)
+        h, w = st["depth"].shape[-2:]
+        m = _nearest(labelled.bool(), (h, w)).to(st["depth"].device)
+        for key in _PIXEL_MAPS:
+            x = st.get(key)
+            if isinstance(x, Tensor) and x.dim() == 4 and tuple(x.shape[-2:]) == (h, w) and x.shape[0] == m.shape[0]:
+                new[key] = torch.where(m, x.detach(), x)
+        return new
+    out = dict(outputs)
+    if outputs.get("stages"):
+        out["stages"] = [cut(st) for st in outputs["stages"]]
+        if tuple(outputs["depth"].shape[-2:]) == tuple(out["stages"][-1]["depth"].shape[-2:]): out["depth"] = out["stages"][-1]["depth"]
+        else: out["depth"] = cut(dict(depth=outputs["depth"]))["depth"]
+    else: out.update(cut(dict((k, outputs[k]) for k in _PIXEL_MAPS if k in outputs)))
+    return out
+
+class HybridLoss(nn.Module):
+    "The hybrid objective with the training loop's signature: `loss(outputs, batch) -> (total, terms)`."
+    def __init__(self, cfg: HybridLossConfig|dict|None=None):
+        super().__init__()
+        from mvsnb.train import build_loss
+        self.cfg = cfg if isinstance(cfg, HybridLossConfig) else hybrid_config(cfg or {})
+        self.pseudo = build_loss(self.cfg.pseudo, self.cfg.pseudo_overrides)
+        self.unsup = build_loss(self.cfg.unsup, self.cfg.unsup_overrides) if self.cfg.weight > 0 else None
+
+    @property
+    def needs_features(self) -> bool:
+        "True when the unsupervised term needs the model's features (KD-MVS's featuremetric term)."
+        return bool(getattr(self.unsup, "needs_features", False))
+
+    def forward(self, outputs: dict, batch: dict) -> tuple[Tensor, dict]:
+        total, terms = self.pseudo(outputs, batch)
+        if self.unsup is None: return total, terms  # λ = 0: exactly the pseudo-label loss
+        if self.cfg.pixels == "unlabelled":
+            lab = valid_depth(batch["pseudo_depth"]) & (batch["pseudo_mask"].bool() if batch.get("pseudo_mask") is not None else True)
+            outputs = detach_labelled(outputs, lab)
+        u, uterms = self.unsup(outputs, batch)
+        terms = {**terms, "pseudo": total.detach(), "unsup": u.detach(),
+                 **{f"unsup.{k}": v for k, v in uterms.items() if "." not in k}}  # the per-stage terms stay out of the log
+        return total + self.cfg.weight * u, terms
+
+def hybrid_config(d: dict) -> HybridLossConfig:
+    "A `HybridLossConfig` from a dict (the `loss_overrides` of `TrainConfig(loss='hybrid')`), rejecting unknown fields."
+    names = [f.name for f in fields(HybridLossConfig)]
+    unknown = sorted(set(d) - set(names))
+    if unknown: raise InputError(f"unknown hybrid loss field(s) {unknown}; valid: {names}", field=unknown[0])
+    return HybridLossConfig(**d)
+
+def _register_hybrid():
+    from mvsnb.train import register_loss
+    register_loss("hybrid", lambda overrides: HybridLoss(hybrid_config(overrides)))
+
+_register_hybrid()
+
 # %% ../nbs/51_selftrain.ipynb #817b3baa
 LABEL_KINDS = ("spsr", "kd")
 _COSINE = dict(schedule="cosine", min_lr_factor=0.1, warmup_steps=0)
@@ -271,6 +359,11 @@ class SelfTrainConfig:
     steps: int = 300 # optimiser steps per round
     lr: float = 1e-3 # student learning rate
     train_overrides: dict = field(default_factory=lambda: dict(_COSINE)) # other TrainConfig fields
+    # the mvsnb extension (off in every preset: the papers train on the labels alone): + λ · an unsupervised loss
+    unsup_weight: float = 0.0 # λ of the hybrid objective (`HybridLossConfig`); 0 → the pseudo-label loss alone (both papers)
+    unsup_loss: str = "khot" # the unsupervised loss preset (`mvsnb.losses.unsup.UNSUP_PRESETS`), e.g. the teacher's
+    unsup_pixels: str = "all" # "all": on every pixel; "unlabelled": its gradient only through the pixels without a label
+    unsup_overrides: dict = field(default_factory=dict) # UnsupLossConfig fields changed in it
     # evaluation
     evaluate: bool = True # run 50_evaluate after every round (depth + point-cloud metrics)
     fusion_check: str = "eval_fusion" # check preset of the evaluation fusion
@@ -286,6 +379,12 @@ class SelfTrainConfig:
         if self.steps < 1: bad("steps", f"must be >= 1, got {self.steps}")
         kd_loss = self.loss in ("kd_paper", "kd_release")
         if kd_loss and self.labels != "kd": bad("loss", f"{self.loss} needs σ̂, which only KD labels carry (labels='kd')")
+        if self.unsup_pixels not in UNSUP_PIXELS: bad("unsup_pixels", f"must be one of {UNSUP_PIXELS}, got {self.unsup_pixels!r}")
+        if not (isinstance(self.unsup_weight, (int, float)) and 0 <= self.unsup_weight < float("inf")):
+            bad("unsup_weight", f"must be a finite number >= 0, got {self.unsup_weight!r}")
+        from mvsnb.losses.unsup import UNSUP_PRESETS
+        if self.unsup_loss not in UNSUP_PRESETS: bad("unsup_loss", f"must be an unsupervised loss preset {sorted(UNSUP_PRESETS)}, got {self.unsup_loss!r}")
+        if self.unsup_weight > 0 and self.loss not in PSEUDO_LOSSES: bad("loss", f"the hybrid objective needs a pseudo-label loss {PSEUDO_LOSSES}, got {self.loss!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> SelfTrainConfig:
@@ -318,8 +417,9 @@ def _stage(name: str, folder: Path, params: dict, log_output: bool, training: bo
 def _check_config(path: Path, cfg: SelfTrainConfig):
     "Refuse to continue a run folder that was started with a different config (rounds may grow)."
     if not path.is_file(): return
-    old = _read_json(path).get("config", {})
     new = asdict(cfg)
+    # a field added to SelfTrainConfig later is read as its default in a folder written before it existed
+    old = {**asdict(SelfTrainConfig()), **_read_json(path).get("config", {})}
     diff = [k for k in sorted(set(old) | set(new)) if k != "rounds" and old.get(k) != new.get(k)]
     if diff:
         show = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in diff[:5])
@@ -386,9 +486,11 @@ def selftrain_rounds(cfg: SelfTrainConfig|str, # the config, or a preset name
                         "teacher": str(read_run(run / record["rounds"][0]["model_run"]).checkpoint)}[cfg.init]
                 sp = dict(labels_run=str(lab_dir), labels=cfg.labels, loss=cfg.loss, loss_overrides=cfg.loss_overrides, init=init,
                           height=cfg.height, width=cfg.width, num_views=cfg.num_views, steps=cfg.steps, lr=cfg.lr,
-                          train_overrides=cfg.train_overrides, **common)
+                          train_overrides=cfg.train_overrides, unsup_weight=cfg.unsup_weight, unsup_loss=cfg.unsup_loss,
+                          unsup_pixels=cfg.unsup_pixels, unsup_overrides=cfg.unsup_overrides, **common)
                 _, secs["student"] = _stage("30_self_train", stu_dir, sp, log_output, training=True)
-                say(f"round {k}: student ({cfg.loss}, {cfg.init}) trained in {secs['student']:.0f} s")
+                hyb = f" + {cfg.unsup_weight:g}·{cfg.unsup_loss} on {cfg.unsup_pixels} px" if cfg.unsup_weight > 0 else ""
+                say(f"round {k}: student ({cfg.loss}{hyb}, {cfg.init}) trained in {secs['student']:.0f} s")
                 model_run = stu_dir
                 lab = lm.get(cfg.labels, {})
                 rec.update(kind=cfg.method, teacher_checkpoint=_rel(prev.checkpoint, run), labels_run=_rel(lab_dir, run),

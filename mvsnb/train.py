@@ -4,7 +4,7 @@
 
 # %% ../nbs/50_train.ipynb #627e8f39
 from __future__ import annotations
-import csv, hashlib, json, math, os, pickle, platform, random, re, sys, tempfile, time, dataclasses
+import csv, hashlib, json, math, os, pickle, platform, random, re, sys, tempfile, time, warnings, dataclasses
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -207,7 +207,7 @@ def register_loss(name: str, builder: Callable): # builder(overrides: dict) -> l
 def _load_plugins():
     "Import the modules that register the kit's models and losses (once; missing modules are skipped)."
     import importlib
-    for mod in ("mvsnb.models", "mvsnb.losses", "mvsnb.losses.unsup", "mvsnb.kd"):
+    for mod in ("mvsnb.models", "mvsnb.losses", "mvsnb.losses.unsup", "mvsnb.kd", "mvsnb.selftrain"):  # selftrain: "hybrid"
         try: importlib.import_module(mod)
         except ModuleNotFoundError as e:
             if not (e.name or "").startswith(mod): raise
@@ -386,12 +386,13 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise InputError("not an mvsnb checkpoint (no 'model'/'versions' entries)", path=path)
     return ck
 
-def _config_diff(saved: dict, current: dict, prefix: str="") -> list[str]:
-    "Human-readable list of fields that differ between two config dicts."
+def _config_diff(saved: dict, current: dict, prefix: str="", added: list|None=None) -> list[str]:
+    "Human-readable list of fields that differ between two config dicts; fields the checkpoint predates go to `added`."
     out = []
     for k in sorted(set(saved) | set(current)):
         a, b = saved.get(k, "<missing>"), current.get(k, "<missing>")
-        if isinstance(a, dict) and isinstance(b, dict): out += _config_diff(a, b, f"{prefix}{k}.")
+        if isinstance(a, dict) and isinstance(b, dict): out += _config_diff(a, b, f"{prefix}{k}.", added)
+        elif k not in saved and added is not None: added.append(f"{prefix}{k}={b!r}")  # a field added to the config later
         elif a != b: out.append(f"{prefix}{k}: {a!r} in the checkpoint, {b!r} in the model")
     return out
 
@@ -410,8 +411,11 @@ def load_checkpoint(path, # checkpoint file
         target = getattr(model, "module", model)
         saved, current = ck.get("model_config"), model_config_dict(target)
         if saved is not None and current is not None:
-            diff = _config_diff(saved, current)
+            added = []
+            diff = _config_diff(saved, current, added=added)
             if diff: raise InputError("checkpoint was trained with a different model config: " + "; ".join(diff), path=path, field="model_config")
+            if added:  # an older checkpoint: its weights still have to fit exactly (checked below)
+                warnings.warn(f"{path}: the checkpoint predates the model config fields {', '.join(added)}; loading it with those values")
         own = target.state_dict()
         missing = sorted(set(own) - set(ck["model"])); extra = sorted(set(ck["model"]) - set(own))
         shapes = [f"{k}: {tuple(ck['model'][k].shape)} vs {tuple(own[k].shape)}" for k in own

@@ -220,6 +220,72 @@ def test_feature_check_view_matches_batched(tiny):
     with pytest.raises(InputError, match=r"\[views\]"): cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg, views=[3])
 
 
+# ---------------------------------------------------------------- the compiled kernel
+def with_compile(cfg, value): return CrossViewConfig(**{**cfg.__dict__, "compile": value})
+
+
+@pytest.mark.slow  # three torch.compile runs (roundtrip/bilinear, disparity/nearest, roundtrip/nearest): ~5-15 s each
+@pytest.mark.parametrize("cfg", [CrossViewConfig(min_views=2, tau_geo=0.008, tau_conf=0.1), CrossViewConfig.preset("selfsup_cvp", min_views=1),
+                                 CrossViewConfig(min_views=1, tau_reproj=0.3, sample_mode="nearest", skip_low_conf=False)],
+                         ids=["roundtrip_bilinear", "disparity_nearest", "roundtrip_nearest_noskip"])
+def test_feature_compiled_matches_per_pixel_loop_and_eager(tiny, scene, cfg):
+    "The fused, compiled kernel against the brute-force loop (exact decisions) and the eager kernel on a larger scene."
+    import mvsnb.crossview as cv
+    sc, d, conf = tiny
+    n_log = len(cv._COMPILE_LOG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, with_compile(cfg, True))
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]  # no silent eager fallback here
+    assert cv._COMPILED.get("cpu") is not None
+    ref_d, ref_s, ref_n, ref_m = loop_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg)
+    assert 0.05 < ref_m.mean() < 0.95, ref_m.mean()
+    np.testing.assert_array_equal(res.count[:, 0].numpy(), ref_n)
+    np.testing.assert_array_equal(res.mask[:, 0].numpy(), ref_m)
+    np.testing.assert_allclose(res.depth[:, 0].numpy(), ref_d, rtol=2e-6, atol=1e-5)
+    np.testing.assert_allclose(res.sigma[:, 0].numpy(), ref_s, rtol=1e-3, atol=2e-5)
+    # eager vs compiled on 5 views 48x64 with noise, in chunks (the last one padded) and source batches
+    g = torch.Generator().manual_seed(5)
+    dn = scene.depth * (1 + 0.004 * torch.randn(scene.depth.shape, generator=g))
+    cn = torch.rand(dn.shape, generator=g)
+    small = dict(max_batch_pixels=2 * 300, src_chunk=2)  # 4 sources in 2 batches, chunks of 256 pixels
+    e = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, CrossViewConfig(**{**cfg.__dict__, "compile": False, **small}))
+    c = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, CrossViewConfig(**{**cfg.__dict__, "compile": True, **small}))
+    assert 0.05 < e.mask.float().mean() < 0.95
+    assert (e.mask != c.mask).float().mean() <= 1e-3 and (e.count != c.count).float().mean() <= 1e-3
+    both = e.mask & c.mask
+    torch.testing.assert_close(c.depth[both], e.depth[both], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.sigma[both], e.sigma[both], rtol=1e-2, atol=1e-5)
+    new = cv._COMPILE_LOG[n_log:]
+    assert new and all(x["first_call_s"] > 0 and x["device"] == "cpu" for x in new)
+
+
+def test_feature_compile_fallback_and_auto(tiny, monkeypatch):
+    "A kernel that fails to compile warns once and the eager kernel gives the result; 'auto' compiles only big calls."
+    import mvsnb.crossview as cv
+    sc, d, conf = tiny
+    calls = []
+    def broken(*a, **k):
+        calls.append(1); raise RuntimeError("no C++ compiler (simulated)")
+    monkeypatch.setattr(cv, "_COMPILED", {"cpu": broken})
+    cfg = CrossViewConfig(min_views=1, tau_conf=0.3)
+    eager = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, with_compile(cfg, False))
+    big = CrossViewConfig(**{**cfg.__dict__, "compile": "auto", "compile_min_pairs": 10 ** 9})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, big)  # too little work: "auto" stays eager, no attempt
+    assert not calls and torch.equal(r.mask, eager.mask)
+    with pytest.warns(UserWarning, match="torch.compile failed.*simulated"):
+        r = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, CrossViewConfig(**{**cfg.__dict__, "compile_min_pairs": 1}))
+    assert len(calls) == 1 and cv._COMPILED["cpu"] is None
+    assert torch.equal(r.mask, eager.mask) and torch.equal(r.count, eager.count) and torch.equal(r.depth, eager.depth)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls go straight to the eager kernel
+        r = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, with_compile(cfg, True))
+    assert len(calls) == 1 and torch.equal(r.mask, eager.mask)
+    with pytest.raises(InputError, match=r"\[compile\]"): CrossViewConfig(compile="yes")
+
+
 # ---------------------------------------------------------------- bad input
 def test_exception_bad_input(tiny):
     sc, d, conf = tiny

@@ -461,3 +461,38 @@ def test_feature_stereo_skimage_source_equals_folder(realdata, tmp_path):
     sa, sb = (json.loads((p / "source.json").read_text())["source_sha256"] for p in (a, b))
     assert sa == sb and len(sa) == 3
     np.testing.assert_array_equal(read_pfm(a / "gt" / "depth" / "00000000.pfm"), read_pfm(b / "gt" / "depth" / "00000000.pfm"))
+
+
+def test_feature_supervision_views_sample_the_top_m_by_score():
+    "DIV §3.4: supervision views come from the reference's top-M listed sources, ∝ score; the network's views stay."
+    import torch
+    from mvsnb.synthetic import make_scene
+    from mvsnb.data import SceneDataset, SupervisionViews
+    sc = make_scene(views=6, height=16, width=20, seed=1)
+    base = SceneDataset(sc, num_views=3)
+    sup = SupervisionViews(base, top=4, n=2, generator=torch.Generator().manual_seed(0))
+    assert len(sup) == len(base) and sup.num_views == 3  # attributes pass through
+    for i in range(len(sup)):
+        it, plain = sup[i], base[i]
+        assert torch.equal(it["images"], plain["images"]) and torch.equal(it["src_ids"], plain["src_ids"])
+        scan, ref, _, _ = base.samples[i]
+        top = [v for v, _ in sorted(base.candidates[(scan, ref)], key=lambda t: -t[1])[:4]]
+        ids = it["sup_ids"].tolist()
+        assert len(set(ids)) == 2 and set(ids) <= set(top) and ref not in ids
+        assert it["sup_images"].shape == (2, 3, 16, 20) and it["sup_K"].shape == (2, 3, 3) and it["sup_w2c"].shape == (2, 4, 4)
+        for j, v in enumerate(ids): assert torch.allclose(it["sup_w2c"][j], sc.w2c[v].float())
+    # frequencies follow the scores: the 1st-ranked source is drawn more often than the 4th (2000 draws)
+    scan, ref, _, _ = base.samples[0]
+    ranked = [v for v, _ in sorted(base.candidates[(scan, ref)], key=lambda t: -t[1])]
+    counts = torch.bincount(torch.cat([sup[0]["sup_ids"] for _ in range(500)]), minlength=6)
+    assert counts[ranked[0]] > counts[ranked[3]] and counts[ranked[4]] == 0
+
+
+def test_exception_supervision_views_bad_sizes():
+    import pytest
+    from mvsnb.core import InputError
+    from mvsnb.synthetic import make_scene
+    from mvsnb.data import SceneDataset, SupervisionViews
+    base = SceneDataset(make_scene(views=4, height=16, width=20, seed=0), num_views=3)
+    with pytest.raises(InputError, match="cannot draw 2 views from the top 1"): SupervisionViews(base, top=1)
+    with pytest.raises(InputError, match="at least one"): SupervisionViews(base, n=0)

@@ -15,7 +15,7 @@ from mvsnb.elastic import (ElasticConfig, elastic_preset, positive_threshold, Em
                            sample_neighbours, camera_points, positive_sets, snn_loss, concentration_loss, elastic_loss,
                            train_embedding, PartAwareConfig, part_aware_preset, part_candidates, correspondence_cost,
                            smoothness_cost, part_aware_hooks, part_aware_patchmatch, view_batches, region_metrics,
-                           check_part_aware_config)
+                           check_part_aware_config, sampled_neighbours)
 
 DT = torch.float64
 
@@ -232,8 +232,8 @@ def test_feature_propagation_blocks_other_parts():
     assert ((plain[0][plain[2]] - torch.where(col[plain[2]] < W // 2, 3.2, 4.8).to(DT)).abs() > 0.1).any()  # without the filter they mix
 
 
-@pytest.mark.parametrize("distance", ["point", "plane"])
-def test_feature_smoothness_brute_force(distance):
+@pytest.mark.parametrize("distance,fixed_omega", [("point", False), ("plane", False), ("point", True), ("plane", True)])
+def test_feature_smoothness_brute_force(distance, fixed_omega):
     ctx, state = context_and_state()
     B, S, H, W = ctx.shape
     g = torch.Generator().manual_seed(2)
@@ -244,7 +244,8 @@ def test_feature_smoothness_brute_force(distance):
     depth = 3 + 2 * torch.rand(1, D, M, generator=g, dtype=DT)
     normal = F.normalize(torch.randn(1, 3, D, M, generator=g, dtype=DT) + torch.tensor([0, 0, -2.0], dtype=DT).reshape(1, 3, 1, 1), dim=1)
     beta = 0.5
-    got = smoothness_cost(ctx, state, idx, depth, normal, nbr, use, beta, distance)
+    n_cur = state.normal.flatten(2)[:, :, idx]  # (B,3,M) p's current normal, for omega_normal="current"
+    got = smoothness_cost(ctx, state, idx, depth, normal, nbr, use, beta, distance, "current", n_cur if fixed_omega else None)
     Kinv = torch.linalg.inv(ctx.K_ref[0]); interval = 2.0 / 192
     conf = (1 - state.cost).clamp(0, 1)[0, 0].flatten()
     ray = lambda i: Kinv @ torch.tensor([i % W, i // W, 1.0], dtype=DT)
@@ -259,12 +260,62 @@ def test_feature_smoothness_brute_force(distance):
                     q = nbr[r, k, m].item()
                     e_q = state.depth[0, 0].flatten()[q] * ray(q)
                     n_q = state.normal[0, :, q // W, q % W]
-                    w = conf[q] * math.exp((float(normal[0, :, d, m] @ n_q) - 1) / beta)
+                    n_p = n_cur[0, :, m] if fixed_omega else normal[0, :, d, m]
+                    w = conf[q] * math.exp((float(n_p @ n_q) - 1) / beta)
                     dist = (e_p - e_q).norm() if distance == "point" else (n_q @ (e_p - e_q)).abs()
                     num += w * dist / interval; den += w
             expected = num / den if den > 1e-12 else 0.0
             assert abs(float(got[0, d, m]) - float(expected)) < 1e-6 * max(1.0, abs(float(expected)))
     assert (got > 0).any()
+
+
+def test_feature_sampled_neighbours_brute_force():
+    "Pattern neighbours unchanged; the far locations equal a per-pixel loop over the same random draws."
+    H, W, num, radius = 12, 15, 5, 9
+    regions = propagation_pattern("acmh")
+    idx = torch.arange(1, H * W, 2)
+    nbr, inside = sampled_neighbours(idx, regions, H, W, num, radius, torch.Generator().manual_seed(4))
+    base, base_in = neighbour_indices(idx, regions, H, W)
+    n = base.shape[1]
+    assert nbr.shape == (8, n + num, len(idx))
+    assert torch.equal(nbr[:, :n], base) and torch.equal(inside[:, :n], base_in) and not inside[:4, n:].any()
+    g = torch.Generator().manual_seed(4)
+    u = torch.rand((4, num, len(idx)), generator=g); v = torch.rand((4, num, len(idx)), generator=g)
+    dirs = [(-1, 0), (1, 0), (0, -1), (0, 1)]  # regions 4..7 look up, down, left, right
+    for k in range(4):
+        for j in range(num):
+            for m in range(len(idx)):
+                r = 3 + (radius - 3) * float(u[k, j, m])
+                th = math.atan2(*dirs[k]) + (float(v[k, j, m]) - 0.5) * math.pi / 2
+                y = int(idx[m]) // W + int(torch.round(torch.tensor(r * math.sin(th))))
+                x = int(idx[m]) % W + int(torch.round(torch.tensor(r * math.cos(th))))
+                ok = 0 <= y < H and 0 <= x < W
+                assert bool(inside[4 + k, n + j, m]) == ok
+                if ok: assert int(nbr[4 + k, n + j, m]) == y * W + x
+    assert torch.equal(sampled_neighbours(idx, regions, H, W, 0, radius)[0], base)
+
+
+def test_feature_smoothness_uses_the_sampled_propagation_set():
+    "In one half-sweep the Eq. 4 term sums over the locations the propagation drew, and only there."
+    ctx, state = context_and_state(H=10, W=12)
+    B, S, H, W = ctx.shape
+    cfg = PartAwareConfig(embed_threshold=0.5, eta=0.3, alpha=0.0, num_sampled=3, sample_radius=8)
+    hooks = part_aware_hooks(cfg)
+    idx = torch.arange(0, H * W, 2)
+    nbr, inside = hooks.neighbours(ctx, state, idx, torch.Generator().manual_seed(0))
+    assert nbr.shape[1] == 11 + 3
+    depth, normal = state.depth.flatten(2)[:, :, idx], state.normal.flatten(2)[:, :, None, idx]
+    use = inside[None] & part_candidates(ctx, state, idx, nbr, 0.5, 0.3)
+    want = 0.01 * smoothness_cost(ctx, state, idx, depth, normal, nbr, use, 0.5, "point", "current", state.normal.flatten(2)[:, :, idx])
+    assert_close(hooks.extra_cost(ctx, state, idx, depth, normal), want)
+    other = torch.arange(1, H * W, 2)  # not the cached pixels: the fixed pattern
+    pn, pi = neighbour_indices(other, propagation_pattern("acmh"), H, W)
+    d2, n2 = state.depth.flatten(2)[:, :, other], state.normal.flatten(2)[:, :, None, other]
+    use2 = pi[None] & part_candidates(ctx, state, other, pn, 0.5, 0.3)
+    assert_close(hooks.extra_cost(ctx, state, other, d2, n2),
+                 0.01 * smoothness_cost(ctx, state, other, d2, n2, pn, use2, 0.5, "point", "current", state.normal.flatten(2)[:, :, other]))
+    assert part_aware_hooks(PartAwareConfig(part_propagation=False)).neighbours is None  # w/o PR: Gipuma-like fixed pattern
+    assert part_aware_hooks(PartAwareConfig(num_sampled=0)).neighbours is None
 
 
 def test_feature_correspondence_cost_brute_force():
@@ -328,15 +379,26 @@ def test_smoke_part_aware_patchmatch(tiny_scene):
     emb = embed_views(net, b["images"])
     assert emb.shape == (3, 3, 8, 16, 20)
     cfg = part_aware_preset("synthetic", iterations=1)
-    out = part_aware_patchmatch(b["images"], b["K"], b["w2c"], b["depth_min"], b["depth_max"], emb, cfg, seed=0)
+    out = part_aware_patchmatch(b["images"], b["K"], b["w2c"], b["depth_min"], b["depth_max"], emb, cfg, seed=0, pairs=sc.pairs)
     assert {k: tuple(v.shape) for k, v in out.items()} == {"depth": (3, 1, 16, 20), "normal": (3, 3, 16, 20),
-                                                          "cost": (3, 1, 16, 20), "conf": (3, 1, 16, 20), "extra": (3, 1, 16, 20)}
+                                                          "cost": (3, 1, 16, 20), "conf": (3, 1, 16, 20), "extra": (3, 1, 16, 20),
+                                                          "view_cost": (3, 2, 16, 20)}
     assert torch.isfinite(out["depth"]).all() and ((out["depth"] >= sc.depth_min) & (out["depth"] <= sc.depth_max)).all()
-    again = part_aware_patchmatch(b["images"], b["K"], b["w2c"], b["depth_min"], b["depth_max"], emb, cfg, seed=0)
+    again = part_aware_patchmatch(b["images"], b["K"], b["w2c"], b["depth_min"], b["depth_max"], emb, cfg, seed=0, pairs=sc.pairs)
     assert torch.equal(out["depth"], again["depth"])
     prior = part_aware_patchmatch(b["images"], b["K"], b["w2c"], b["depth_min"], b["depth_max"], emb,
                                   part_aware_preset("synthetic", iterations=1, conf_source="prior"), seed=0, prior_conf=out["conf"])
     assert prior["depth"].shape == (3, 1, 16, 20)
+    seen = []
+    geo_cfg = part_aware_preset("synthetic", iterations=2, conf_source="geometric")
+    geo = part_aware_patchmatch(b["images"], b["K"], b["w2c"], b["depth_min"], b["depth_max"], emb, geo_cfg, seed=0, pairs=sc.pairs,
+                                on_sweep=lambda ctx, state, it: seen.append((it, ctx.features["geometric_conf"].clone(), state.depth.clone())))
+    assert [it for it, _, _ in seen] == [-1, 0, 1] and (seen[0][1] == 1).all()  # all consistent before the first sweep
+    from mvsnb.elastic import consistency_mask
+    for it, g, d in seen[1:]:  # after a sweep: the cross-view consistency of that sweep's depth maps
+        assert torch.equal(g.bool(), consistency_mask(d, sc.K, sc.w2c, sc.pairs, 2))
+    with pytest.raises(InputError, match="pairs"):
+        part_aware_patchmatch(b["images"], b["K"], b["w2c"], b["depth_min"], b["depth_max"], emb, geo_cfg)
 
 
 def test_smoke_training_lowers_loss(tiny_scene):
@@ -364,6 +426,9 @@ def test_exception_bad_inputs(tiny_scene):
         part_aware_patchmatch(*args, emb, PartAwareConfig(conf_source="prior", iterations=1))
     with pytest.raises(InputError, match=r"\[smoothness_distance\]"):
         check_part_aware_config(PartAwareConfig(smoothness_distance="l2"))
+    for field, bad in (("smoothness_set", "all"), ("omega_normal", "mean"), ("num_sampled", -1), ("sample_radius", 2)):
+        with pytest.raises(InputError, match=rf"\[{field}\]"):
+            check_part_aware_config(PartAwareConfig(**{field: bad}))
     with pytest.raises(InputError, match=r"\[num_propagated\]"):
         part_aware_preset("paper", pattern="gipuma", num_propagated=4)
     with pytest.raises(InputError, match=r"\[tau\]"):
@@ -403,3 +468,11 @@ def test_pipeline_papermill(tmp_path):
         assert 0 <= m["textured"]["completeness"] <= 100 and m["textured"]["n"] > 0 and "textureless" in m
         assert (tmp_path / name / "params.json").exists() and (tmp_path / name / "fig_depth.png").exists()
     assert (tmp_path / "part" / "fig_embedding.png").exists() and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    # the depth maps in MVSNet's output layout, readable as a network's outputs, equal to depth.pt
+    import torch
+    from mvsnb.crossview import load_depth_outputs
+    for name in ("plain", "part"):
+        got = load_depth_outputs(tmp_path / name / "scene", tmp_path / name / "outputs")
+        want = torch.load(tmp_path / name / "depth.pt")["depth"]
+        assert got["depths"].shape == (3, 1, 16, 20) and got["confs"] is not None
+        assert torch.allclose(got["depths"], torch.where(want > 0, want, torch.zeros_like(want)))

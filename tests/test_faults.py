@@ -168,7 +168,7 @@ def test_feature_killed_sweep_rerun_skips_finished_runs(scenarios):
     o = scenarios["sweep_kill"].result()
     runs, r = o["runs"], o["rerun"]
     assert o["rc_killed"] == -signal.SIGKILL and not o["done2_before"] and not o["run3_before"]
-    assert r.returncode == 0 and "3 runs, 0 failed" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "3 runs: 3 ok;" in r.stdout, r.stdout + r.stderr
     assert (runs / "x=1.0" / "metrics.json").read_text() == o["first"]  # the finished run was not executed again
     assert json.loads((runs / "x=2.0" / "run.json").read_text())["pid"] != o["killed_pid"]  # restarted by the rerun
     table = read_csv(o["root"] / "sweep" / "results.csv")
@@ -181,7 +181,7 @@ def test_feature_failing_run_recorded_others_finish(scenarios):
     "A run whose notebook raises is recorded as failed with its error; the runs after it still run; exit code 1."
     o = scenarios["sweep_fail"].result()
     r = o["run"]
-    assert r.returncode == 1 and "3 runs, 1 failed" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 1 and "3 runs: 2 ok, 1 failed (failed: broken)" in r.stdout, r.stdout + r.stderr
     table = read_csv(o["root"] / "sweep" / "results.csv")
     assert [(t["run_id"], t["status"]) for t in table] == [("a", "ok"), ("broken", "failed"), ("c", "ok")]
     assert re.fullmatch(r"ValueError: toy failure requested \(x=1\.0, y=2\) \(cell \d+\)", table[1]["error"]), table[1]["error"]

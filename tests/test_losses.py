@@ -506,3 +506,65 @@ def test_cuda_presets_match_cpu():
             assert total.device.type == dev
             res[dev] = total.item()
         assert res["cuda"] == pytest.approx(res["cpu"], rel=1e-3, abs=1e-4), name
+
+# ---------------------------------------------------------------------------------------- DIV occlusion on the warp loss
+def test_feature_warp_occlusion_matches_brute_force_and_changes_only_occluded_pixels():
+    "warp_occlusion (DIV Table 3 '+ occlusion' without synthesis): occluded views leave the per-pixel min-K, nothing else."
+    from mvsnb.synthetic import make_scene
+    from mvsnb.losses.unsup import warp_stage_loss, stage_visibility
+    sc = make_scene(views=5, height=16, width=20, seed=0)
+    b = sc.mvs_batch(ref=0)
+    images, K, w2c, depth = b["images"].double(), b["K"].double(), b["w2c"].double(), b["depth"].double()
+    div = dict(occ_tol=0.0, occ_tol_rel=0.004)
+    off = unsup_config("khot", top_k=1, div=div)
+    on = unsup_config("khot", top_k=1, div=div, warp_occlusion=True)
+    _, t_off = warp_stage_loss(dict(depth=depth), images, K, w2c, off)
+    _, t_on = warp_stage_loss(dict(depth=depth), images, K, w2c, on)
+    visible = stage_visibility(depth, K, w2c, on)  # B,S,1,H,W
+    warped, valid = warp_sources(images, depth, K, w2c)
+    S, H, W = warped.shape[1], depth.shape[-2], depth.shape[-1]
+    err = torch.stack([reconstruction_error(warped[:, s], images[:, 0], valid[:, s]) for s in range(S)], 1)
+
+    def brute(use_visibility):  # per pixel: the smallest error among the candidate views; mean over pixels with one
+        per_pixel = {}
+        for i, j in itertools.product(range(H), range(W)):
+            cands = [float(err[0, s, 0, i, j]) for s in range(S)
+                     if valid[0, s, 0, i, j] and (not use_visibility or visible[0, s, 0, i, j])]
+            if cands: per_pixel[(i, j)] = min(cands)
+        return sum(per_pixel.values()) / len(per_pixel), per_pixel
+
+    mean_off, px_off = brute(False)
+    mean_on, px_on = brute(True)
+    assert t_off["photo"].item() == pytest.approx(mean_off, rel=1e-9)
+    assert t_on["photo"].item() == pytest.approx(mean_on, rel=1e-9)
+    occluded = {(i, j) for i, j in itertools.product(range(H), range(W))
+                if any(valid[0, s, 0, i, j] and not visible[0, s, 0, i, j] for s in range(S))}
+    assert occluded, "the tiny scene must have occluded pixels for this test to mean anything"
+    changed = {p for p in set(px_off) | set(px_on) if px_off.get(p) != px_on.get(p)}
+    assert changed and changed <= occluded  # the loss changes, and only where some view is occluded
+    for name in ("ssim", "smooth"): assert t_on[name].item() == t_off[name].item()
+    assert "visible" in t_on and "visible" not in t_off
+
+
+def test_exception_warp_occlusion_only_with_warp_synthesis():
+    with pytest.raises(InputError, match="synthesis='warp' only"): unsup_config("div_paper", warp_occlusion=True)
+
+
+def test_feature_loss_uses_sampled_supervision_views():
+    "With sup_images in the batch the loss reconstructs the reference from them, not from the network's sources."
+    from mvsnb.synthetic import make_scene
+    from mvsnb.losses.unsup import supervision_views
+    sc = make_scene(views=5, height=16, width=20, seed=0)
+    b = sc.mvs_batch(ref=0)  # reference + 4 sources
+    net = {k: b[k][:, :3] for k in ("images", "K", "w2c")}  # the network sees the reference + 2 sources
+    sup = dict(sup_images=b["images"][:, 3:], sup_K=b["K"][:, 3:], sup_w2c=b["w2c"][:, 3:])  # the loss: the other 2
+    batch = {**b, **net, **sup}
+    imgs, Ks, w2cs = supervision_views(batch)
+    assert torch.equal(imgs, torch.cat([b["images"][:, :1], b["images"][:, 3:]], 1))
+    out = oracle_outputs(b["depth"], Ks, sc.depth_min, sc.depth_max, scales=(1.0,))
+    loss = UnsupLoss(unsup_config("khot", top_k=1))
+    got, _ = loss(out, batch)
+    want, _ = unsup_loss(out, imgs, Ks, w2cs, unsup_config("khot", top_k=1))
+    plain, _ = loss(out, {**b, **net})
+    assert got.item() == pytest.approx(want.item(), rel=1e-6) and got.item() != pytest.approx(plain.item(), rel=1e-6)
+    with pytest.raises(InputError, match="sup_K"): supervision_views({**batch, "sup_K": None})

@@ -350,6 +350,38 @@ def test_feature_hooks():
     assert not torch.equal(vetoed["depth"], plain["depth"])
 
 
+def test_feature_neighbours_hook_and_features():
+    "A `neighbours` hook replaces the pattern (same-colour offsets allowed); `features=` reaches the hooks' context."
+    H, W = 8, 10
+    images, K, w2c = rig(H, W, V=3)
+    ctx = prepare_context(images, K, w2c, torch.tensor([2.0], dtype=DT), torch.tensor([6.0], dtype=DT))
+    g = torch.Generator().manual_seed(2)
+    depth, normal = random_hypotheses(ctx, torch.arange(H * W), 1, g)
+    state = PatchMatchState(depth.reshape(1, 1, H, W), normal[:, :, 0].reshape(1, 3, H, W),
+                            torch.rand(1, 1, H, W, generator=g, dtype=DT), torch.zeros(1, 2, H, W, dtype=DT),
+                            torch.zeros(1, 1, H, W, dtype=DT))
+    idx = checkerboard_masks(H, W)[0].flatten().nonzero()[:, 0]
+    def two_right(ctx, state, idx, generator):  # one region: the pixel two to the right (same colour)
+        x = idx % ctx.shape[3] + 2
+        return (idx + 2).clamp(max=ctx.shape[2] * ctx.shape[3] - 1)[None, None], (x < ctx.shape[3])[None, None]
+    cd, cn, cv = propagation_candidates(ctx, state, idx, PatchMatchHooks(neighbours=two_right))
+    assert cd.shape == (1, 1, len(idx))
+    Kinv = torch.linalg.inv(K[0, 0])
+    for m, p in enumerate(idx.tolist()):
+        y, x = divmod(p, W)
+        if x + 2 >= W: assert not cv[0, 0, m]; continue
+        nq, dq = state.normal[0, :, y, x + 2], float(state.depth[0, 0, y, x + 2])
+        rp, rq = Kinv @ torch.tensor([x, y, 1.0], dtype=DT), Kinv @ torch.tensor([x + 2, y, 1.0], dtype=DT)
+        if float(nq @ rp) >= 0: assert not cv[0, 0, m]; continue
+        d = dq * float(nq @ rq) / float(nq @ rp)
+        assert bool(cv[0, 0, m]) == (2.0 <= d <= 6.0)
+        if cv[0, 0, m]: assert abs(float(cd[0, 0, m]) - d) < 1e-9
+    seen = []
+    hooks = PatchMatchHooks(neighbours=lambda c, s, i, gen: (seen.append(c.features["tag"]), two_right(c, s, i, gen))[1])
+    patchmatch(*small_args(), PatchMatchConfig(iterations=1), hooks=hooks, features={"tag": 7})
+    assert seen == [7, 7]  # one call per half-sweep, with the features given to patchmatch
+
+
 def test_feature_init_is_used():
     args = small_args(); cfg = PatchMatchConfig(iterations=0, num_init=1)
     first = patchmatch(*args, PatchMatchConfig(iterations=3))

@@ -34,7 +34,7 @@ def _teacher(tmp, scene, steps=4):
 def test_smoke_pipeline_parameters_declared():
     "Every stage declares typed parameters, run_dir and its input run folder."
     for nb, inputs in ((LABELS, {"teacher_run", "scene_dir", "infer_levels", "labels"}),
-                       (STUDENT, {"labels_run", "labels", "loss", "init", "steps", "resume"}),
+                       (STUDENT, {"labels_run", "labels", "loss", "init", "steps", "resume", "unsup_weight", "unsup_loss", "unsup_pixels", "unsup_overrides"}),
                        (EVALUATE, {"checkpoint_run", "scene_dir", "heldout_scene_dir", "fusion_check"})):
         p = notebook_params(nb)
         assert inputs | {"run_dir", "seed", "device"} <= set(p), nb.name
@@ -85,15 +85,21 @@ def test_feature_stage_chain(tmp_path, scene):
 
     students = {}
     for name, p in (("spsr", dict(labels="spsr", loss="pseudo_l1", init="teacher")),
-                    ("kd", dict(labels="kd", loss="kd_paper", init="scratch"))):
+                    ("kd", dict(labels="kd", loss="kd_paper", init="scratch")),
+                    ("kd_hybrid", dict(labels="kd", loss="kd_paper", init="teacher", unsup_weight=0.5, unsup_pixels="unlabelled"))):
         run = tmp_path / f"student_{name}"
         run_notebook(STUDENT, run, dict(labels_run=str(labels), steps=3, **p))
         m, prm = _json(run / "metrics.json"), _json(run / "params.json")
-        assert m["steps"] == 3 and math.isfinite(m["loss_last"]) and m["labels"] == name
-        assert prm["data_root"] == str(scene) and prm["height"] == 32 and prm["label_dir"] == str(labels / f"labels_{name}")
+        assert m["steps"] == 3 and math.isfinite(m["loss_last"]) and m["labels"] == p["labels"]
+        assert prm["data_root"] == str(scene) and prm["height"] == 32 and prm["label_dir"] == str(labels / f"labels_{p['labels']}")
         assert 0 < m["val"]["mae"] and 0 < m["val_teacher"]["mae"]
         ck = torch.load(run / m["checkpoint"], weights_only=True)
-        assert ck["config"]["loss"] == p["loss"] and ck["step"] == 3
+        assert ck["step"] == 3 and m["unsup_weight"] == p.get("unsup_weight", 0.0)
+        if p.get("unsup_weight"):  # the hybrid objective: the run's loss is "hybrid", wrapping the pseudo-label loss
+            assert ck["config"]["loss"] == "hybrid" and prm["unsup_pixels"] == "unlabelled"
+            assert ck["config"]["loss_overrides"] == dict(pseudo="kd_paper", pseudo_overrides={}, unsup="khot", unsup_overrides={},
+                                                          weight=0.5, pixels="unlabelled")
+        else: assert ck["config"]["loss"] == p["loss"]
         students[name] = run
     t_ck = torch.load(read_run(teacher).checkpoint, weights_only=True)["config"]
     assert _json(students["spsr"] / "metrics.json")["init"] == str(read_run(teacher).checkpoint)
@@ -198,3 +204,102 @@ def test_feature_selftrain_rounds_resume(tmp_path, scene):
     assert rec2["rounds"][2]["teacher_checkpoint"] == "round_1/student/checkpoints/last.pt"
     assert _json(run / "round_2" / "student" / "params.json")["resume"] is True  # continued from its last.pt
     assert [r["round"] for r in rounds_table(run)] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- the hybrid objective (an mvsnb extension)
+def _hybrid_batch(kd: bool=False):
+    "A one-sample batch of the tiny scene with pseudo labels (GT + noise) on the left half of the reference view."
+    from mvsnb.synthetic import make_scene
+    from mvsnb.data import SceneDataset
+    it = SceneDataset(make_scene(views=3, seed=0, **SIZE), num_views=3)[0]
+    b = {k: (it[k][None] if isinstance(it[k], torch.Tensor) else torch.tensor([float(it[k])])) for k in ("images", "K", "w2c", "depth_min", "depth_max")}
+    g = torch.Generator().manual_seed(1)
+    lab = torch.zeros(1, 1, *SIZE.values(), dtype=torch.bool); lab[..., : SIZE["width"] // 2] = True
+    gt = it["depth_gt"][None]
+    b.update(pseudo_depth=torch.where(lab, gt + 0.02 * torch.randn(gt.shape, generator=g), torch.zeros_like(gt)), pseudo_mask=lab)
+    if kd: b["pseudo_sigma"] = torch.where(lab, torch.full_like(gt, 0.05), torch.zeros_like(gt))
+    return b, lab, gt
+
+
+@pytest.mark.parametrize("pseudo", ["pseudo_l1", "kd_paper"])
+def test_feature_hybrid_weight_zero_is_pseudo_loss(pseudo):
+    "λ = 0: the hybrid loss is the pseudo-label loss — same value, same terms, same parameter gradients (bit for bit)."
+    from mvsnb.train import build_loss, build_model
+    batch, _, _ = _hybrid_batch(kd=pseudo == "kd_paper")
+    torch.manual_seed(0); net = build_model("cascade", "tiny")
+    res = []
+    for loss in (build_loss(pseudo), build_loss("hybrid", dict(pseudo=pseudo, weight=0.0, pixels="unlabelled"))):
+        net.zero_grad()
+        out = net(batch["images"], batch["K"], batch["w2c"], batch["depth_min"], batch["depth_max"])
+        total, terms = loss(out, batch)
+        total.backward()
+        res.append((total.detach(), {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}, [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+    (t0, terms0, g0), (t1, terms1, g1) = res
+    assert torch.equal(t0, t1) and terms0 == terms1 and len(g0) == len(g1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    # and λ > 0 does change it (the comparison above can fail)
+    net.zero_grad(); out = net(batch["images"], batch["K"], batch["w2c"], batch["depth_min"], batch["depth_max"])
+    t2, terms2 = build_loss("hybrid", dict(pseudo=pseudo, weight=0.5))(out, batch)
+    assert float(t2.detach()) > float(t0) and {"pseudo", "unsup", "unsup.photo"} <= set(terms2)
+
+
+def test_feature_hybrid_unlabelled_gradient_avoids_labelled_pixels():
+    "pixels='unlabelled': the unsupervised term's gradient is zero at every labelled pixel (per-pixel loop), λ·its gradient elsewhere."
+    from mvsnb.train import build_loss
+    batch, lab, gt = _hybrid_batch()
+    d0 = gt + 0.1 * torch.randn(gt.shape, generator=torch.Generator().manual_seed(2))
+
+    def grad(loss):
+        d = d0.clone().requires_grad_(True)
+        total, _ = loss({"depth": d, "stages": [{"depth": d}]}, batch)
+        total.backward()
+        return d.grad[0, 0]
+
+    lam = 0.7
+    g_p, g_u = grad(build_loss("pseudo_l1")), grad(build_loss("khot"))
+    g_h = grad(build_loss("hybrid", dict(pseudo="pseudo_l1", unsup="khot", weight=lam, pixels="unlabelled")))
+    g_all = grad(build_loss("hybrid", dict(pseudo="pseudo_l1", unsup="khot", weight=lam, pixels="all")))
+    n_lab_touched = 0
+    for i in range(g_h.shape[0]):
+        for j in range(g_h.shape[1]):
+            if lab[0, 0, i, j]:
+                assert float(g_h[i, j]) == float(g_p[i, j]), (i, j)  # the pseudo label alone
+                n_lab_touched += float(g_all[i, j]) != float(g_p[i, j])
+            else:
+                assert float(g_p[i, j]) == 0.0
+                assert abs(float(g_h[i, j]) - lam * float(g_u[i, j])) <= 1e-6 * (1 + abs(float(g_u[i, j]))), (i, j)
+    assert n_lab_touched > 0.5 * int(lab.sum())  # with pixels='all' the unsupervised term does reach the labelled pixels
+    assert float(g_h[~lab[0, 0]].abs().sum()) > 0
+
+
+def test_feature_hybrid_unlabelled_cuts_every_stage_of_a_cascade():
+    "On a real cascade, the unsupervised part of the hybrid sends no gradient into the finest stage's depth or probabilities at labelled pixels."
+    from mvsnb.train import build_loss, build_model
+    batch, lab, _ = _hybrid_batch()
+    torch.manual_seed(0); net = build_model("cascade", "tiny")
+    out = net(batch["images"], batch["K"], batch["w2c"], batch["depth_min"], batch["depth_max"])
+    st = out["stages"][-1]
+    hyb = build_loss("hybrid", dict(pseudo="pseudo_l1", unsup="khot", weight=1.0, pixels="unlabelled"))
+    pure = build_loss("pseudo_l1")
+    (t_h, _), (t_p, _) = hyb(out, batch), pure(out, batch)
+    gd, gp = torch.autograd.grad(t_h - t_p, [st["depth"], st["prob_volume"]], allow_unused=True)
+    assert tuple(st["depth"].shape[-2:]) == tuple(lab.shape[-2:])
+    assert float(gd[lab].abs().max()) == 0 and float(gd[~lab].abs().max()) > 0
+    assert float(gp[lab.expand_as(gp)].abs().max()) == 0
+
+
+def test_exception_hybrid_bad_values_name_the_field(tmp_path, scene):
+    from mvsnb.train import build_loss
+    for over, fld in ((dict(pixels="labelled"), "pixels"), (dict(weight=-1.0), "weight"), (dict(weight=float("nan")), "weight"),
+                      (dict(unsup="khott"), "unsup"), (dict(pseudo="khot"), "pseudo"), (dict(lam=1), "lam")):
+        with pytest.raises(InputError) as e: build_loss("hybrid", over)
+        assert e.value.field == fld and f"[{fld}]" in str(e.value)
+    for over, fld in ((dict(unsup_pixels="some"), "unsup_pixels"), (dict(unsup_weight=-0.5), "unsup_weight"),
+                      (dict(unsup_loss="l2"), "unsup_loss"), (dict(unsup_weight=1.0, loss="khot", labels="spsr"), "loss")):
+        with pytest.raises(InputError) as e: SelfTrainConfig.preset("selfsup_cvp", **over)
+        assert e.value.field == fld
+    assert all(SelfTrainConfig.preset(n).unsup_weight == 0 for n in ("selfsup_cvp", "kdmvs", "kdmvs_release"))  # off in the paper presets
+    # the pipeline refuses a bad value before it reads anything or trains
+    with pytest.raises(NotebookError, match=r"\[unsup_pixels\]"):
+        run_notebook(STUDENT, tmp_path / "s", dict(labels_run=str(tmp_path / "nowhere"), unsup_weight=0.5, unsup_pixels="labelled"))
+    assert not (tmp_path / "s" / "checkpoints").exists()

@@ -86,6 +86,21 @@ def test_exception_checkpoint_config_mismatch_names_fields(tmp_path):
     assert "c.pt" in msg and "channels: 6 in the checkpoint, 4 in the model" in msg and "num_depth" not in msg
 
 
+def test_feature_checkpoint_predating_a_config_field_loads_with_warning(tmp_path):
+    "A checkpoint saved before a model-config field existed loads (with a warning naming it) if its weights fit; a changed value still fails."
+    torch.manual_seed(0)
+    m = ToyMVSNet(ToyConfig(channels=6))
+    p = save_checkpoint(tmp_path / "c.pt", m, toy_cfg(tmp_path, model_overrides={"channels": 6}))
+    ck = torch.load(p, weights_only=True)
+    del ck["model_config"]["dropout"]  # as if `dropout` had been added to ToyConfig after this checkpoint was written
+    old = tmp_path / "old.pt"; torch.save(ck, old)
+    with pytest.warns(UserWarning, match=r"predates the model config fields dropout=0\.0"):
+        m2, _ = model_from_checkpoint(old)
+    same_weights(m, m2, atol=0)
+    ck["model_config"]["channels"] = 4; torch.save(ck, old)  # a real difference is still refused
+    with pytest.raises(InputError, match="channels: 4 in the checkpoint, 6 in the model"): load_checkpoint(old, ToyMVSNet(ToyConfig(channels=6)))
+
+
 def test_exception_checkpoint_truncated_names_file(tmp_path):
     p = save_checkpoint(tmp_path / "full.pt", ToyMVSNet(), toy_cfg(tmp_path))
     data = p.read_bytes()

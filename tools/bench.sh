@@ -43,10 +43,10 @@ run bench_fusion $full "${dev[@]}"
 run bench_spsr $full "${dev[@]}"
 run bench_patchmatch $full "${dev[@]}"
 run bench_memory $full "${dev[@]}"
-# written by other helpers with their own command lines: the cross-view check (49 views x 10 sources; CPU, no
-# --full) and the DTU-style evaluation (--full adds 4M points)
-run bench_crossview
-run bench_eval $full
+# the cross-view check (49 views x 10 sources at 512x640: baseline, eager and compiled in alternating rounds) and
+# the DTU-style evaluation (--full adds 4M points)
+run bench_crossview $full "${dev[@]}"
+run bench_eval $full "${dev[@]}"
 
 wall=$(( $(date +%s) - start ))
 "$PY" benchmarks/summary.py --since "$start" --wall "$wall" --load-before "$before" || failed+=(summary)

@@ -20,9 +20,9 @@ from .synthesis import (SynthesisWeights, synthesis_loss, synthesize_from_probab
 from .div import DivConfig, ViewWeightNet, occlusion_masks, div_synthesis_loss
 
 # %% auto #0
-__all__ = ['UNSUP_PRESETS', 'LossWeights', 'UnsupLossConfig', 'unsup_config', 'stage_views', 'warp_stage_loss',
-           'probability_stage_loss', 'div_stage_loss', 'div_view_weights', 'unsup_loss', 'UnsupLoss',
-           'build_unsup_loss', 'oracle_outputs']
+__all__ = ['UNSUP_PRESETS', 'LossWeights', 'UnsupLossConfig', 'unsup_config', 'stage_views', 'stage_visibility',
+           'warp_stage_loss', 'probability_stage_loss', 'div_stage_loss', 'div_view_weights', 'unsup_loss',
+           'supervision_views', 'UnsupLoss', 'build_unsup_loss', 'oracle_outputs']
 
 # %% ../../nbs/25_losses.unsup.ipynb #e1452023
 @dataclass
@@ -45,6 +45,7 @@ class UnsupLossConfig:
     grad_weight: float = 0.5 # β: image-gradient share of the reconstruction error (Khot et al.)
     grad_penalty: str = "l1" # "l1" (paper formula) or "smooth_l1" (PyTorch ports)
     incomplete: str = "exclude" # pixels with < K valid views: "exclude" or "partial" (releases' zeroed sentinel)
+    warp_occlusion: bool = False # AND DIV's shadow-mapped occlusion masks (Eq. 8, settings from `div`) into each view's validity before the photometric top-K: DIV Table 3 "+ occlusion" without the learned synthesis
     ssim_views: int = 2 # SSIM summed over the first N source views (Khot et al., DIV Eq. 4: 2)
     ssim_padding: str = "valid" # "valid" (releases) or "reflect"
     # smoothness
@@ -74,6 +75,8 @@ class UnsupLossConfig:
             raise InputError(f"must be 'warp', 'probability' or 'div', got {self.synthesis!r}", field="synthesis")
         if self.top_k < 1: raise InputError(f"must be ≥ 1, got {self.top_k}", field="top_k")
         if self.smooth_order not in (1, 2): raise InputError(f"must be 1 or 2, got {self.smooth_order}", field="smooth_order")
+        if self.warp_occlusion and self.synthesis != "warp":
+            raise InputError(f"applies to synthesis='warp' only (synthesis={self.synthesis!r}; DIV synthesis has div.use_occlusion)", field="warp_occlusion")
 
 # %% ../../nbs/25_losses.unsup.ipynb #798d9063
 _CASCADE = [0.5, 1.0, 2.0]
@@ -118,11 +121,12 @@ def stage_views(images: Tensor, # (B,V,3,H,W) full resolution
     return images, K_stage
 
 # %% ../../nbs/25_losses.unsup.ipynb #86cceb44
-def _topk_map(err_fn, warped: Tensor, ref: Tensor, valid: Tensor, cfg: UnsupLossConfig) -> tuple[Tensor, Tensor]:
+def _topk_map(err_fn, warped: Tensor, ref: Tensor, valid: Tensor, cfg: UnsupLossConfig, select: Tensor|None=None) -> tuple[Tensor, Tensor]:
+    "Per-view error maps (computed on `valid`) reduced by the per-pixel top-K over the views in `select` (default `valid`)."
     B, S, C, H, W = warped.shape
     err = err_fn(warped.flatten(0, 1), ref[:, None].expand(-1, S, -1, -1, -1).flatten(0, 1), valid.flatten(0, 1)).unflatten(0, (B, S))
     if cfg.legacy_mean_reduction: err = err.mean(dim=(0, 2, 3, 4), keepdim=True).expand(B, -1, -1, H, W)
-    return topk_views(err, valid, min(cfg.top_k, S), cfg.incomplete)
+    return topk_views(err, valid if select is None else select, min(cfg.top_k, S), cfg.incomplete)
 
 def _smooth(depth: Tensor, ref: Tensor, cfg: UnsupLossConfig, depth_interval: Tensor|None) -> Tensor:
     if cfg.smooth_clamp is not None and cfg.clamp_in_intervals and depth_interval is None:
@@ -132,6 +136,16 @@ def _smooth(depth: Tensor, ref: Tensor, cfg: UnsupLossConfig, depth_interval: Te
 def _ssim(warped: Tensor, valid: Tensor, ref: Tensor, cfg: UnsupLossConfig) -> Tensor:
     n = min(cfg.ssim_views, warped.shape[1])
     return sum(ssim_loss(warped[:, v], ref, valid[:, v], cfg.ssim_padding) for v in range(n))
+
+def stage_visibility(depth: Tensor, # (B,1,h,w) the stage's depth (detached inside)
+                     K: Tensor, # (B,V,3,3) at the stage resolution
+                     w2c: Tensor, # (B,V,4,4)
+                     cfg: UnsupLossConfig, # `cfg.div` gives the tolerance, sampling and backend
+                    ) -> Tensor: # visible (B,V-1,1,h,w) bool, one mask per source view
+    "DIV's shadow-mapped occlusion masks of every source view for this stage's depth (`mvsnb.losses.div.occlusion_masks`)."
+    d = cfg.div
+    return occlusion_masks(depth, K[:, 0], w2c[:, 0], K[:, 1:], w2c[:, 1:], d.occ_tol, d.occ_tol_rel,
+                           sample=d.occ_sample, max_edge_ratio=d.occ_max_edge_ratio, backend=d.occ_backend)
 
 def warp_stage_loss(stage: dict, # one entry of outputs["stages"]
                     images: Tensor, # (B,V,3,h,w) at the stage resolution
@@ -143,8 +157,12 @@ def warp_stage_loss(stage: dict, # one entry of outputs["stages"]
     "Khot-style stage loss (+ KD-MVS featuremetric/aleatoric terms when configured)."
     depth, ref = stage["depth"], images[:, 0]
     warped, valid = warp_sources(images, depth, K, w2c)
-    photo_map, counted = _topk_map(lambda a, b, m: reconstruction_error(a, b, m, cfg.grad_weight, cfg.grad_penalty), warped, ref, valid, cfg)
+    visible = stage_visibility(depth, K, w2c, cfg) if cfg.warp_occlusion else None
+    # DIV Eq. 8 on the plain min-K loss: an occluded view is not a candidate for the pixel's K (its error map is unchanged)
+    photo_map, counted = _topk_map(lambda a, b, m: reconstruction_error(a, b, m, cfg.grad_weight, cfg.grad_penalty), warped, ref, valid, cfg,
+                                   None if visible is None else valid & visible)
     terms = {"photo": masked_mean(photo_map, counted)}
+    if visible is not None: terms["visible"] = visible.to(depth.dtype).mean().detach()
     feat_map = None
     if cfg.featuremetric:
         if stage.get("features") is None:
@@ -186,8 +204,7 @@ def div_stage_loss(stage: dict, images: Tensor, K: Tensor, w2c: Tensor, cfg: Uns
     warped, valid = warp_sources(images, depth, K, w2c)
     visible = None
     if d.use_occlusion:
-        visible = occlusion_masks(depth, K[:, 0], w2c[:, 0], K[:, 1:], w2c[:, 1:], d.occ_tol, d.occ_tol_rel,
-                                  sample=d.occ_sample, max_edge_ratio=d.occ_max_edge_ratio, backend=d.occ_backend)
+        visible = stage_visibility(depth, K, w2c, cfg)
     out = div_synthesis_loss(warped, valid, ref, weight_net, visible, weights, d.photo_scale, d.ssim_scale,
                              cfg.grad_weight, cfg.grad_penalty)
     terms = {"photo": out["photo"], "ssim": out["ssim"], "smooth": _smooth(depth, ref, cfg, depth_interval),
@@ -248,6 +265,15 @@ def unsup_loss(outputs: dict, # network output: {"stages": [{depth, prob_volume,
     log["total"] = total.detach()
     return total, log
 
+def supervision_views(batch: dict, # a training batch: images/K/w2c (B,V,...) and optionally sup_images (B,N,3,H,W), sup_K, sup_w2c
+                     ) -> tuple[Tensor, Tensor, Tensor]: # images (B,1+N,3,H,W), K, w2c: view 0 is the reference
+    "The views the loss reconstructs the reference from: the network's own inputs, or the reference + the batch's sampled supervision views (DIV §3.4)."
+    if batch.get("sup_images") is None: return batch["images"], batch["K"], batch["w2c"]
+    for k in ("sup_K", "sup_w2c"):
+        if batch.get(k) is None: raise InputError(f"the batch has sup_images but no {k}", field=k)
+    cat = lambda a, b: torch.cat([a[:, :1], b.to(a)], 1)
+    return cat(batch["images"], batch["sup_images"]), cat(batch["K"], batch["sup_K"]), cat(batch["w2c"], batch["sup_w2c"])
+
 class UnsupLoss(nn.Module):
     "The unsupervised loss as a module with the training loop's signature: `loss(outputs, batch) -> (total, terms)`."
     def __init__(self, cfg: UnsupLossConfig|str="khot", weight_net: nn.Module|None=None):
@@ -267,7 +293,8 @@ class UnsupLoss(nn.Module):
         return bool(self.cfg.featuremetric)
 
     def forward(self, outputs: dict, batch: dict) -> tuple[Tensor, dict]:
-        return unsup_loss(outputs, batch["images"], batch["K"], batch["w2c"], self.cfg, batch.get("depth_interval"),
+        images, K, w2c = supervision_views(batch)
+        return unsup_loss(outputs, images, K, w2c, self.cfg, batch.get("depth_interval"),
                           batch.get("depth_min"), batch.get("depth_max"), self.vgg, self.weight_net)
 
 def build_unsup_loss(name: str, # preset name

@@ -10,16 +10,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from ..core import check_shape, InputError
-from ..camera import relative_pose
+from ..camera import relative_pose, crop_intrinsics
 from ..warp import homography_warp
 
 # %% auto #0
-__all__ = ['ConvBnReLU', 'ConvBnReLU3D', 'DeconvBnReLU3D', 'FPN', 'source_cameras', 'warp_sources', 'group_correlation',
-           'cost_volume', 'ViewWeightNet', 'compute_view_weights', 'UNet3D', 'soft_argmin', 'winner_take_all',
-           'expected_index', 'photometric_confidence', 'regress_depth', 'upsample_depth', 'centered_hypotheses',
-           'LogVarianceHead', 'check_mvs_inputs']
+__all__ = ['NORMS', 'MultiBatchNorm', 'GroupNorm32', 'make_norm', 'ConvBnReLU', 'ConvBnReLU3D', 'DeconvBnReLU3D', 'FPN',
+           'source_cameras', 'warp_sources', 'group_correlation', 'cost_volume', 'ViewWeightNet',
+           'compute_view_weights', 'UNet3D', 'soft_argmin', 'winner_take_all', 'expected_index',
+           'photometric_confidence', 'regress_depth', 'upsample_depth', 'centered_hypotheses', 'LogVarianceHead',
+           'check_mvs_inputs']
 
 # %% ../../nbs/10_models.blocks.ipynb #27eaf4ea
+NORMS = ("batch", "batch_per_level", "group", "instance")
+
+class MultiBatchNorm(nn.Module):
+    "`sets` BatchNorms over the same channels; `active` picks the one in use (separate statistics per pyramid level)."
+    def __init__(self, channels: int, sets: int=2, dim: int=3):
+        super().__init__()
+        bn = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
+        self.norms = nn.ModuleList([bn(channels) for _ in range(sets)])
+        self.active = 0
+
+    def forward(self, x: Tensor) -> Tensor: return self.norms[self.active](x)
+
+class GroupNorm32(nn.GroupNorm):
+    "GroupNorm computed in float32 even under autocast (the statistics of tiny cost-volume activations need it)."
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
+
+def make_norm(kind: str, # "batch" | "batch_per_level" | "group" | "instance"
+              channels: int, # channels normalised
+              dim: int=3, # 2 or 3 spatial dimensions
+              groups: int=8, # "group": number of groups (reduced to the gcd with `channels`)
+              sets: int=2, # "batch_per_level": number of separate statistics
+             ) -> nn.Module:
+    "A normalisation layer by name. `group`/`instance` use per-sample statistics (no running averages)."
+    if kind == "batch": return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim](channels)
+    if kind == "batch_per_level": return MultiBatchNorm(channels, sets, dim)
+    if kind == "group": return GroupNorm32(math.gcd(groups, channels), channels)
+    if kind == "instance": return GroupNorm32(channels, channels)  # instance norm with a learned affine
+    raise InputError(f"must be one of {NORMS}, got {kind!r}", field="norm")
+
 class ConvBnReLU(nn.Sequential):
     "2D convolution → BatchNorm → ReLU (ReLU optional); padding `(k-1)//2`."
     def __init__(self, cin: int, cout: int, k: int=3, stride: int=1, relu: bool=True):
@@ -27,16 +59,16 @@ class ConvBnReLU(nn.Sequential):
         super().__init__(*layers, *([nn.ReLU(inplace=True)] if relu else []))
 
 class ConvBnReLU3D(nn.Sequential):
-    "3D convolution → BatchNorm → ReLU; padding `(k-1)//2`."
-    def __init__(self, cin: int, cout: int, k: int=3, stride: int=1):
+    "3D convolution → normalisation (BatchNorm by default, see `make_norm`) → ReLU; padding `(k-1)//2`."
+    def __init__(self, cin: int, cout: int, k: int=3, stride: int=1, norm: str="batch", **norm_kw):
         super().__init__(nn.Conv3d(cin, cout, k, stride, padding=(k - 1) // 2, bias=False),
-                         nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+                         make_norm(norm, cout, 3, **norm_kw), nn.ReLU(inplace=True))
 
 class DeconvBnReLU3D(nn.Sequential):
-    "3×3×3 transposed convolution (stride 1 or 2, exact size doubling) → BatchNorm → ReLU."
-    def __init__(self, cin: int, cout: int, stride: int=2):
+    "3×3×3 transposed convolution (stride 1 or 2, exact size doubling) → normalisation → ReLU."
+    def __init__(self, cin: int, cout: int, stride: int=2, norm: str="batch", **norm_kw):
         super().__init__(nn.ConvTranspose3d(cin, cout, 3, stride, padding=1, output_padding=stride - 1, bias=False),
-                         nn.BatchNorm3d(cout), nn.ReLU(inplace=True))
+                         make_norm(norm, cout, 3, **norm_kw), nn.ReLU(inplace=True))
 
 # %% ../../nbs/10_models.blocks.ipynb #26b95650
 class FPN(nn.Module):
@@ -76,16 +108,29 @@ def source_cameras(K: Tensor, # (B,V,3,3) intrinsics at the feature resolution
     T_src_ref = relative_pose(w2c[:, 1:], w2c[:, :1])  # B,S,4,4
     return K_ref, K[:, 1:].reshape(B * S, 3, 3), T_src_ref.reshape(B * S, 4, 4)
 
-def warp_sources(feats: Tensor, # (B,V,C,h,w) features of all views; view 0 is the reference
+def _window(feats: Tensor, depth_hyps: Tensor, ref_offset: tuple|None) -> tuple[Tensor, int, int]:
+    "Check the reference window `depth_hyps` covers; return the reference features in it and its (y0, x0)."
+    H, W = feats.shape[-2:]; h, w = depth_hyps.shape[-2:]
+    y0, x0 = (0, 0) if ref_offset is None else (int(ref_offset[0]), int(ref_offset[1]))
+    if ref_offset is None and (h, w) != (H, W):
+        raise InputError(f"depth_hyps cover {h}x{w} pixels but the features are {H}x{W}; pass ref_offset for a window", field="depth_hyps")
+    if not (0 <= y0 and 0 <= x0 and y0 + h <= H and x0 + w <= W):
+        raise InputError(f"window {h}x{w} at (y0, x0)=({y0}, {x0}) leaves the {H}x{W} reference", field="ref_offset")
+    return feats[:, 0, :, y0:y0 + h, x0:x0 + w], y0, x0
+
+def warp_sources(feats: Tensor, # (B,V,C,H,W) features of all views; view 0 is the reference
                  K: Tensor, # (B,V,3,3) intrinsics at the feature resolution
                  w2c: Tensor, # (B,V,4,4)
-                 depth_hyps: Tensor, # (B,D,h,w) hypotheses on the reference grid
+                 depth_hyps: Tensor, # (B,D,h,w) hypotheses on the reference grid (or on a window of it)
+                 ref_offset: tuple|None=None, # (y0, x0) of the reference window `depth_hyps` covers (None: the whole grid)
                 ) -> tuple[Tensor, Tensor]: # warped (B,S,C,D,h,w), valid (B,S,1,D,h,w) bool
-    "Plane-sweep every source view to the reference grid."
-    B, V, C, h, w = feats.shape; S, D = V - 1, depth_hyps.shape[1]
+    "Plane-sweep every (whole) source view to the reference grid or a window of it."
+    B, V, C, H, W = feats.shape; S, D = V - 1, depth_hyps.shape[1]; h, w = depth_hyps.shape[-2:]
+    _, y0, x0 = _window(feats, depth_hyps, ref_offset)
     K_ref, K_src, T = source_cameras(K, w2c)
+    if y0 or x0: K_ref = crop_intrinsics(K_ref, x0, y0)
     hyps = depth_hyps[:, None].expand(-1, S, -1, -1, -1).reshape(B * S, D, h, w)
-    warped, valid = homography_warp(feats[:, 1:].reshape(B * S, C, h, w), K_ref, K_src, T, hyps)
+    warped, valid = homography_warp(feats[:, 1:].reshape(B * S, C, H, W), K_ref, K_src, T, hyps)
     return warped.view(B, S, C, D, h, w), valid.view(B, S, 1, D, h, w)
 
 # %% ../../nbs/10_models.blocks.ipynb #d0a49de2
@@ -106,23 +151,25 @@ def _chunks(D: int, chunk: int|None):
     step = D if chunk is None else int(chunk)
     return [slice(d0, min(d0 + step, D)) for d0 in range(0, D, step)]
 
-def cost_volume(feats: Tensor, # (B,V,C,h,w) features of all views; view 0 is the reference
+def cost_volume(feats: Tensor, # (B,V,C,H,W) features of all views; view 0 is the reference
                 K: Tensor, # (B,V,3,3) intrinsics at the feature resolution
                 w2c: Tensor, # (B,V,4,4)
-                depth_hyps: Tensor, # (B,D,h,w) hypotheses on the reference grid
+                depth_hyps: Tensor, # (B,D,h,w) hypotheses on the reference grid, or on a window of it (`ref_offset`)
                 mode: str="variance", # "variance" (C'=C) or "gwc" group-wise correlation (C'=groups)
                 groups: int=8, # G for "gwc"
                 view_weights: Tensor|None=None, # (B,V-1,1,h,w) per-pixel weight of every source view
                 chunk: int|None=None, # hypotheses warped at once (None: all); memory only, same result
+                ref_offset: tuple|None=None, # (y0, x0): `depth_hyps` cover reference pixels [y0,y0+h)×[x0,x0+w)
                ) -> Tensor: # (B,C',D,h,w)
     "Aggregate the plane-swept source features with the reference into a cost volume."
-    dims = check_shape(feats, "B V C h w", "feats"); check_shape(K, "B V 3 3", "K", dims)
-    check_shape(w2c, "B V 4 4", "w2c", dims); check_shape(depth_hyps, "B D h w", "depth_hyps", dims)
+    dims = check_shape(feats, "B V C H W", "feats"); check_shape(K, "B V 3 3", "K", dims)
+    check_shape(w2c, "B V 4 4", "w2c", dims); dims = check_shape(depth_hyps, "B D h w", "depth_hyps", dims)
     if view_weights is not None: check_shape(view_weights, f"B {dims['V'] - 1} 1 h w", "view_weights", dims)
     if mode not in ("variance", "gwc"): raise InputError(f"must be 'variance' or 'gwc', got {mode!r}", field="cost")
-    ref, out = feats[:, 0, :, None], []  # B,C,1,h,w
+    ref, _, _ = _window(feats, depth_hyps, ref_offset)
+    ref, out = ref[:, :, None], []  # B,C,1,h,w
     for sl in _chunks(dims["D"], chunk):
-        warped, valid = warp_sources(feats, K, w2c, depth_hyps[:, sl])  # B,S,C,d,h,w and B,S,1,d,h,w
+        warped, valid = warp_sources(feats, K, w2c, depth_hyps[:, sl], ref_offset)  # B,S,C,d,h,w and B,S,1,d,h,w
         m = valid.to(feats.dtype)
         if view_weights is not None: m = m * view_weights[:, :, :, None]  # B,S,1,d,h,w
         if mode == "variance":
@@ -146,17 +193,19 @@ class ViewWeightNet(nn.Module):
         return torch.sigmoid(self.net(sim)).amax(2)
 
 def compute_view_weights(net: ViewWeightNet, # the weight network
-                         feats: Tensor, # (B,V,C,h,w)
+                         feats: Tensor, # (B,V,C,H,W)
                          K: Tensor, # (B,V,3,3) at the feature resolution
                          w2c: Tensor, # (B,V,4,4)
-                         depth_hyps: Tensor, # (B,D,h,w)
+                         depth_hyps: Tensor, # (B,D,h,w) on the reference grid or a window of it
                          chunk: int|None=None, # hypotheses warped at once
+                         ref_offset: tuple|None=None, # (y0, x0) of the window `depth_hyps` cover
                         ) -> Tensor: # (B,V-1,1,h,w)
     "Per-pixel weights of every source view (maximum over all hypotheses, built chunk by chunk)."
     B, V = feats.shape[:2]; S = V - 1; best = None
+    ref, _, _ = _window(feats, depth_hyps, ref_offset)
     for sl in _chunks(depth_hyps.shape[1], chunk):
-        warped, valid = warp_sources(feats, K, w2c, depth_hyps[:, sl])
-        sim = group_correlation(feats[:, 0, None, :, None], warped, net.groups, dim=2) * valid  # B,S,G,d,h,w
+        warped, valid = warp_sources(feats, K, w2c, depth_hyps[:, sl], ref_offset)
+        sim = group_correlation(ref[:, None, :, None], warped, net.groups, dim=2) * valid  # B,S,G,d,h,w
         w = net(sim.flatten(0, 1)).unflatten(0, (B, S))  # B,S,1,h,w
         best = w if best is None else torch.maximum(best, w)
     return best
@@ -169,19 +218,37 @@ class UNet3D(nn.Module):
                  strides: tuple|None=None, # stride of each level's first conv (default all 2)
                  stem_convs: int=1, # conv units at the stem
                  level_convs: int=2, # conv units per level, the strided one included
+                 norm: str="batch", # normalisation of every conv unit (`make_norm`)
+                 norm_groups: int=8, # groups for norm="group"
+                 norm_sets: int=2, # separate statistics for norm="batch_per_level" (picked by `forward(norm_set=)`)
                 ):
         super().__init__()
         c = list(channels); strides = [2] * (len(c) - 1) if strides is None else list(strides)
         if len(strides) != len(c) - 1: raise InputError(f"need {len(c) - 1} strides, got {len(strides)}", field="strides")
-        self.stem = nn.Sequential(ConvBnReLU3D(in_channels, c[0]), *[ConvBnReLU3D(c[0], c[0]) for _ in range(stem_convs - 1)])
-        self.down = nn.ModuleList([nn.Sequential(ConvBnReLU3D(c[i], c[i + 1], stride=s),
-                                                 *[ConvBnReLU3D(c[i + 1], c[i + 1]) for _ in range(level_convs - 1)])
+        if norm not in NORMS: raise InputError(f"must be one of {NORMS}, got {norm!r}", field="norm")
+        nk = dict(norm=norm, groups=norm_groups, sets=norm_sets)
+        self.stem = nn.Sequential(ConvBnReLU3D(in_channels, c[0], **nk), *[ConvBnReLU3D(c[0], c[0], **nk) for _ in range(stem_convs - 1)])
+        self.down = nn.ModuleList([nn.Sequential(ConvBnReLU3D(c[i], c[i + 1], stride=s, **nk),
+                                                 *[ConvBnReLU3D(c[i + 1], c[i + 1], **nk) for _ in range(level_convs - 1)])
                                    for i, s in enumerate(strides)])
-        self.up = nn.ModuleList([DeconvBnReLU3D(c[i + 1], c[i], stride=s) for i, s in enumerate(strides)])
+        self.up = nn.ModuleList([DeconvBnReLU3D(c[i + 1], c[i], stride=s, **nk) for i, s in enumerate(strides)])
         self.head = nn.Conv3d(c[0], 1, 3, padding=1, bias=False)
         self.multiple = math.prod(strides)
+        self.norm, self.norm_sets = norm, norm_sets
+        # receptive-field radius (input pixels) of one output: a 3×3 conv at spacing j adds j, a stride-s conv
+        # then multiplies j by s; each transposed conv adds its input spacing; the head adds 1
+        r, j = stem_convs, 1
+        for s in strides: r += j; j *= s; r += j * (level_convs - 1)
+        for s in reversed(strides): r += j; j //= s
+        self.radius = r + 1
 
-    def forward(self, x: Tensor) -> Tensor: # (N,C',D,h,w) → (N,D,h,w)
+    def forward(self, x: Tensor, # (N,C',D,h,w)
+                norm_set: int=0, # which statistics a "batch_per_level" norm uses (0 … norm_sets-1)
+               ) -> Tensor: # (N,D,h,w)
+        if self.norm == "batch_per_level":
+            if not 0 <= norm_set < self.norm_sets: raise InputError(f"must be in 0..{self.norm_sets - 1}, got {norm_set}", field="norm_set")
+            for m in self.modules():
+                if isinstance(m, MultiBatchNorm): m.active = norm_set
         D, h, w = x.shape[-3:]; m = self.multiple
         pad = [(-n) % m for n in (w, h, D)]
         if any(pad): x = F.pad(x, (0, pad[0], 0, pad[1], 0, pad[2]), mode="replicate")

@@ -15,7 +15,7 @@ from .blocks import (FPN, UNet3D, ViewWeightNet, LogVarianceHead, cost_volume, c
                                  regress_depth, upsample_depth, centered_hypotheses, check_mvs_inputs)
 
 # %% auto #0
-__all__ = ['CascadeConfig', 'cascade_hypotheses', 'CascadeMVSNet']
+__all__ = ['CascadeConfig', 'cascade_hypotheses', 'tile_windows', 'CascadeMVSNet']
 
 # %% ../../nbs/11_models.cascade.ipynb #fec35d14
 @dataclass
@@ -35,6 +35,7 @@ class CascadeConfig:
     space: str = "depth" # stage-1 sampling: "depth" uniform (CasMVSNet) or "inverse"
     detach_hypotheses: bool = True # build stage k's band around the detached stage k-1 depth (CasMVSNet release)
     chunk: int|None = None # hypotheses warped at once in the cost volumes (None: all); memory only
+    tile: int|None = None # eval mode: stages wider or taller than this build cost volume + 3D U-Net in windows of `tile` px (rounded up to the U-Net stride) plus a receptive-field halo; memory only, same result (None: whole image)
 
     def __post_init__(self):
         S = len(self.num_depth)
@@ -43,6 +44,7 @@ class CascadeConfig:
                 raise InputError(f"needs one entry per stage ({S}), got {getattr(self, name)}", field=name)
         if self.cost not in ("variance", "gwc"): raise InputError(f"must be 'variance' or 'gwc', got {self.cost!r}", field="cost")
         if self.regression not in ("soft", "wta"): raise InputError(f"must be 'soft' or 'wta', got {self.regression!r}", field="regression")
+        if self.tile is not None and (int(self.tile) != self.tile or self.tile < 1): raise InputError(f"must be a positive integer or None, got {self.tile!r}", field="tile")
         if min(self.num_depth) < 2: raise InputError(f"every stage needs ≥ 2 hypotheses, got {self.num_depth}", field="num_depth")
 
     @property
@@ -73,6 +75,13 @@ def cascade_hypotheses(prev_depth: Tensor|None, # (B,1,h',w') previous stage's d
     "Stage-1: uniform over the depth range; later stages: a band of `num` planes around the upsampled depth."
     if prev_depth is None: return depth_hypotheses(depth_min, depth_max, num, h, w, space)
     return centered_hypotheses(upsample_depth(prev_depth, (h, w)), step, num, depth_min, depth_max)
+
+def tile_windows(n: int, # pixels along one axis
+                 tile: int, # interior length, a multiple of `multiple`
+                 halo: int, # extra pixels on each side, a multiple of `multiple`
+                ) -> list[tuple[slice, slice]]: # (window, interior) per tile; interior relative to the image
+    "Split `0..n` into interiors of `tile` pixels, each inside a window grown by `halo` and clipped to the image."
+    return [(slice(max(s - halo, 0), min(s + tile + halo, n)), slice(s, min(s + tile, n))) for s in range(0, n, tile)]
 
 class CascadeMVSNet(nn.Module):
     "CasMVSNet-style cascade: images (B,V,3,H,W) + cameras → depth (B,1,H,W), confidence and per-stage outputs."
@@ -105,7 +114,9 @@ class CascadeMVSNet(nn.Module):
         B, V, H, W = dims["B"], dims["V"], dims["H"], dims["W"]
         K, w2c, depth_min, depth_max = K.to(images), w2c.to(images), depth_min.to(images), depth_max.to(images)
         if depth_interval is None: depth_interval = (depth_max - depth_min) / (cfg.num_depth[0] * cfg.interval_ratio[0])
-        feats = self.features(images.flatten(0, 1))  # S x (B*V,C,h,w), coarse→fine
+        if cfg.tile is None or self.training: feats = self.features(images.flatten(0, 1))  # S x (B*V,C,h,w), coarse→fine
+        else:  # tiled inference: one view at a time through the FPN too (its full-resolution maps are large)
+            feats = [torch.cat(fs) for fs in zip(*[self.features(x) for x in images.flatten(0, 1).split(1)])]
         stages, depth = [], None
         for k in range(S):
             f = feats[k].unflatten(0, (B, V)); h, w = f.shape[-2:]
@@ -118,12 +129,32 @@ class CascadeMVSNet(nn.Module):
             depth = out["depth"]; stages.append(out)
         return {"depth": stages[-1]["depth"], "conf": stages[-1]["conf"], "stages": stages}
 
-    def _stage(self, k: int, f: Tensor, K_k: Tensor, w2c: Tensor, hyps: Tensor) -> dict:
+    def _volume(self, k: int, f: Tensor, K_k: Tensor, w2c: Tensor, hyps: Tensor, offset=None) -> tuple[Tensor, Tensor|None]:
+        "View weights and probability volume on the reference grid or the window at `offset`."
         cfg = self.config
-        vw = (compute_view_weights(self.view_weight_nets[k], f, K_k, w2c, hyps, cfg.chunk)
+        vw = (compute_view_weights(self.view_weight_nets[k], f, K_k, w2c, hyps, cfg.chunk, offset)
               if self.view_weight_nets is not None else None)
-        cost = cost_volume(f, K_k, w2c, hyps, cfg.cost, cfg.groups[k], vw, cfg.chunk)
-        prob = torch.softmax(self.regularizers[k](cost), 1)
+        win = {} if offset is None else dict(ref_offset=offset)  # (the whole-grid call keeps the 8-argument form)
+        cost = cost_volume(f, K_k, w2c, hyps, cfg.cost, cfg.groups[k], vw, cfg.chunk, **win)
+        return torch.softmax(self.regularizers[k](cost), 1), vw
+
+    def _stage(self, k: int, f: Tensor, K_k: Tensor, w2c: Tensor, hyps: Tensor) -> dict:
+        cfg = self.config; h, w = hyps.shape[-2:]
+        reg = self.regularizers[k]
+        if cfg.tile is None or self.training or (h <= cfg.tile and w <= cfg.tile):
+            prob, vw = self._volume(k, f, K_k, w2c, hyps)
+        else:  # eval mode: windows of tile + halo, keep their interiors (exact: see "Tiled inference")
+            m = reg.multiple; t = -(-cfg.tile // m) * m; halo = -(-reg.radius // m) * m
+            prob = hyps.new_empty(hyps.shape); vw = None
+            for wy, iy in tile_windows(h, t, halo):
+                for wx, ix in tile_windows(w, t, halo):
+                    p, v = self._volume(k, f, K_k, w2c, hyps[..., wy, wx], (wy.start, wx.start))
+                    inner = (slice(iy.start - wy.start, iy.stop - wy.start), slice(ix.start - wx.start, ix.stop - wx.start))
+                    prob[..., iy, ix] = p[(..., *inner)]
+                    if v is not None:
+                        if vw is None: vw = v.new_empty(*v.shape[:-2], h, w)
+                        vw[..., iy, ix] = v[(..., *inner)]
+                    del p, v
         depth, conf = regress_depth(prob, hyps, cfg.regression)
         out = dict(depth=depth, prob_volume=prob, depth_hyps=hyps, conf=conf, K=K_k)
         if vw is not None: out["view_weights"] = vw

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..core import InputError
 from ..camera import scale_intrinsics, relative_pose, unproject
 from ..warp import depth_hypotheses
-from .blocks import (UNet3D, cost_volume, regress_depth, upsample_depth, centered_hypotheses,
+from .blocks import (UNet3D, NORMS, cost_volume, regress_depth, upsample_depth, centered_hypotheses,
                                  check_mvs_inputs)
 
 # %% auto #0
@@ -58,6 +58,9 @@ class CVPConfig:
     reg_strides: list = field(default_factory=lambda: [2, 1]) # stride of each U-Net level (release: one downsampling)
     reg_stem_convs: int = 2 # conv units at the U-Net stem (release: 2)
     reg_level_convs: int = 3 # conv units per U-Net level (release: 3)
+    norm: str = "instance" # U-Net normalisation: "batch" (release: one BatchNorm shared by all levels), "batch_per_level" (separate statistics per level, shared convs), "instance" (mvsnb: per-sample statistics, eval = train), "group"
+    norm_sets: int = 2 # "batch_per_level": statistics sets; level l (0 = coarsest) uses set min(l, norm_sets-1) (mvsnb: coarse sweep vs refinement)
+    norm_groups: int = 8 # "group": groups per norm layer (reduced to the gcd with the width)
     levels: int = 2 # pyramid levels (Self-sup CVP: 2 for training at 160×128, 5 at test on 1600×1200)
     num_depth_coarse: int = 48 # uniform hypotheses at the coarsest level (CVP-MVSNet)
     num_depth_fine: int = 8 # hypotheses per finer level (CVP-MVSNet)
@@ -75,12 +78,14 @@ class CVPConfig:
         if len(self.reg_strides) != len(self.reg_channels) - 1:
             raise InputError(f"need {len(self.reg_channels) - 1} strides, got {self.reg_strides}", field="reg_strides")
         if min(self.num_depth_coarse, self.num_depth_fine) < 2: raise InputError("every level needs ≥ 2 hypotheses", field="num_depth_fine")
+        if self.norm not in NORMS: raise InputError(f"must be one of {NORMS}, got {self.norm!r}", field="norm")
+        if self.norm_sets < 1: raise InputError(f"need at least 1 set, got {self.norm_sets}", field="norm_sets")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "CVPConfig":
         "A named configuration (see the table above), with optional field overrides."
         presets = {
-            "cvpmvsnet": dict(levels=2), "selfsup_cvp_train": dict(levels=2), "selfsup_cvp_test": dict(levels=5, chunk=2),
+            "cvpmvsnet": dict(levels=2, norm="batch"), "selfsup_cvp_train": dict(levels=2), "selfsup_cvp_test": dict(levels=5, chunk=2),
             "tiny": dict(feature_widths=[8, 8, 8], reg_channels=[8, 16], reg_strides=[2], reg_stem_convs=1,
                          reg_level_convs=2, num_depth_coarse=8, num_depth_fine=4, levels=2),
         }
@@ -112,7 +117,7 @@ class CVPMVSNet(nn.Module):
         self.config = cfg
         self.features = CVPFeatureNet(cfg.feature_widths)
         self.regularizer = UNet3D(self.features.out_channels, cfg.reg_channels, cfg.reg_strides,
-                                  cfg.reg_stem_convs, cfg.reg_level_convs)
+                                  cfg.reg_stem_convs, cfg.reg_level_convs, cfg.norm, cfg.norm_groups, cfg.norm_sets)
 
     def forward(self, images: Tensor, # (B,V,3,H,W) in [0,1]; view 0 is the reference
                 K: Tensor, # (B,V,3,3) intrinsics of `images`
@@ -131,7 +136,7 @@ class CVPMVSNet(nn.Module):
         coarse_step = (depth_max - depth_min) / (cfg.num_depth_coarse - 1)
         pyramid = image_pyramid(images.flatten(0, 1), L)
         stages, depth = [], None
-        for img in reversed(pyramid):  # coarse → fine
+        for l, img in enumerate(reversed(pyramid)):  # coarse → fine; l = 0 is the coarsest level
             f = self.features(img).unflatten(0, (B, V)); h, w = f.shape[-2:]
             K_l = scale_intrinsics(K, w / W, h / H, mode="center")
             if depth is None: hyps = depth_hypotheses(depth_min, depth_max, cfg.num_depth_coarse, h, w, cfg.space)
@@ -141,7 +146,7 @@ class CVPMVSNet(nn.Module):
                                          cfg.interval_reduce, max_interval=coarse_step)
                 hyps = centered_hypotheses(center, step, cfg.num_depth_fine, depth_min, depth_max)
             cost = cost_volume(f, K_l, w2c, hyps, "variance", chunk=cfg.chunk)
-            prob = torch.softmax(self.regularizer(cost), 1)
+            prob = torch.softmax(self.regularizer(cost, norm_set=min(l, cfg.norm_sets - 1)), 1)
             depth, conf = regress_depth(prob, hyps, cfg.regression)
             out = dict(depth=depth, prob_volume=prob, depth_hyps=hyps, conf=conf, K=K_l)
             if return_features: out["features"] = f
