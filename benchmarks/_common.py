@@ -176,7 +176,47 @@ def hardware_bounds(device: str="cpu") -> dict:
                 return dict(b, source=str(p.relative_to(ROOT)))
         except (ValueError, KeyError): pass
     b = dict(probe_bandwidth(device, mb=64, repeats=3), **probe_flops(device, n=512 if device == "cpu" else 4096, repeats=3))
+    if device == "cpu": b.update(probe_gather(mb=1, repeats=3))
     return dict(b, torch_threads=torch.get_num_threads(), source="quick in-process probe")
+
+
+_GATHER_C = r"""
+#include <stdint.h>
+void probe_gather(int64_t n, const float *restrict src, const int32_t *restrict idx, float *restrict out) {
+    for (int64_t i = 0; i < n; i++) out[i] = src[idx[i]];  /* vectorised into AVX2/AVX-512 gathers at -O3 -march=native */
+}
+"""
+
+
+def gather_kernel(mb: float=1, n: int=1 << 24):
+    """`run()` doing `out[i] = src[idx[i]]` for n random int32 indices into an `mb` MB float32 array, in C
+    (`mvsnb.native`, AVX2/AVX-512 gathers at -O3 -march=native) on torch's threads, and `check()`; None without a
+    C compiler."""
+    import ctypes, torch
+    from mvsnb.native import build_native, parallel_map, pointer, NativeBuildError
+    try: fn = build_native("probe_gather", _GATHER_C).probe_gather
+    except NativeBuildError: return None
+    fn.restype = None; fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    m = int(mb * 2 ** 20 // 4)
+    src = torch.rand(m); idx = torch.randint(0, m, (n,), dtype=torch.int32); out = torch.empty(n)
+    step = -(-n // torch.get_num_threads())
+    ps, pi, po = pointer(src, torch.float32), pointer(idx, torch.int32), pointer(out, torch.float32)
+    run = lambda: parallel_map(lambda a: fn(min(step, n - a), ps, pi + 4 * a, po + 4 * a), range(0, n, step))
+    return run, lambda: torch.equal(out, src[idx.long()])
+
+
+def probe_gather(mb: float=1, n: int=1 << 24, repeats: int=5) -> dict:
+    """Gather rate of the CPU (G elements/s, median; see `gather_kernel`): the limit of kernels made of gathers (the
+    cross-view check reads four source depths per (pixel, source) pair). {} without a C compiler."""
+    k = gather_kernel(mb, n)
+    if k is None: return {}
+    run, check = k
+    run(); assert check()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return dict(gather_mb=mb, gather_s=med, gather_geps=n / med / 1e9, gather_best_geps=n / min(times) / 1e9)
 
 
 # ------------------------------------------------------------------------------------------------ timing and the runner

@@ -7,13 +7,16 @@ baseline is written here in the style of the public MVSNet-family fusion scripts
 source) pairs with float64 numpy arrays and `cv2.remap` for the bilinear read. All use the evaluation-fusion
 thresholds (1 px, 0.01, >= 3 views, confidence > 0.8).
 
-Three implementations run in alternating rounds (baseline, eager, compiled, baseline, ...), so that on a shared
-machine a burst of load hits all three alike; the medians over the rounds and their ratios are reported. The
+Four implementations run in alternating rounds (baseline, eager, compiled, native, baseline, ...), so that on a shared
+machine a burst of load hits all four alike; the medians over the rounds and their ratios are reported. The
 compiled kernel's first call (the `torch.compile` of the fused kernel; with --cold-compile in a fresh inductor
-cache) is timed separately and left out of its median. Bandwidth bound: the least data the check must touch,
+cache) and the native C kernel's (its build, or its load from mvsnb's disk cache; --cold-compile: a fresh cache)
+are timed separately and left out of their medians. Bandwidth bound: the least data the check must touch,
 per view its depth and confidence read once, its checked depth, spread (4 bytes each), count (2) and mask (1)
 written once, and one 4-byte source-depth sample per (pixel, source) pair, at the probe's copy bandwidth;
-`bw_frac` = bound / median (the target: within 3x, bw_frac >= 1/3). Decisions are compared pixel by pixel.
+`bw_frac` = bound / median (the target: within 3x, bw_frac >= 1/3). The check is made of gathers, so the
+tighter limit is the gather bound: four bilinear reads per checked (pixel, source) pair at the probe's C gather rate
+(`bench_probe.py`), `gather_frac` = that bound / median. Decisions are compared pixel by pixel.
 
 Sizes: 49 views x 10 sources at 512x640 (--full: also 256x320 and 13 views at 1200x1600; --smoke: 5 views x 4
 sources at 64x80, one round).
@@ -26,7 +29,7 @@ from pathlib import Path
 import _common as C
 
 ROOT, OUT = C.ROOT, C.OUT
-IMPLS = ("baseline", "eager", "compiled")
+IMPLS = ("baseline", "eager", "compiled", "native")  # "native": mvsnb's C kernel, the CPU default (not on a GPU)
 
 
 # ---------------------------------------------------------------- inputs
@@ -150,7 +153,10 @@ def run_case(spec, bench):
     d, c = torch.from_numpy(z["depth"])[:, None].to(dev), torch.from_numpy(z["conf"])[:, None].to(dev)
     K, w2c = torch.from_numpy(z["K"]).float().to(dev), torch.from_numpy(z["w2c"]).float().to(dev)
     pairs = [(r, [(int(s), 1.0) for s in z["src"][r]]) for r in range(V)]
-    cfgs = {k: cv.CrossViewConfig.preset("eval_fusion", compile=(k == "compiled")) for k in ("eager", "compiled")}
+    impls = [k for k in IMPLS if not (k == "native" and torch.device(dev).type != "cpu")]
+    cfgs = dict(eager=cv.CrossViewConfig.preset("eval_fusion", compile=False),
+                compiled=cv.CrossViewConfig.preset("eval_fusion", compile=True, native=False),  # torch.compile
+                native=cv.CrossViewConfig.preset("eval_fusion", compile=True))
     import cv2
     from mvsnb.crossview import cross_view_check
     cv2.setNumThreads(torch.get_num_threads())
@@ -167,32 +173,44 @@ def run_case(spec, bench):
     print(f"   compiled kernel, first call (compile included): {first:.1f} s", flush=True)
     compiled_ok = cv._COMPILED.get(torch.device(dev).type) is not None
     compile_s = sum(x["first_call_s"] for x in cv._COMPILE_LOG[n_log:])
-    times = {k: [] for k in IMPLS}; rss = {k: [] for k in IMPLS}; out = {}
+    first_native = None
+    if "native" in impls:  # the native kernel's first call: build (or load from the disk cache) and a first run
+        t = time.perf_counter(); call("native"); first_native = time.perf_counter() - t
+        print(f"   native kernel, first call (build included): {first_native:.1f} s", flush=True)
+    native_ok = cv._NATIVE.get("fn") is not None
+    times = {k: [] for k in impls}; rss = {k: [] for k in impls}; out = {}
     rounds = bench.args.repeats
     base_rounds = min(rounds, bench.args.baseline_repeats or rounds)
     for i in range(rounds):
-        for impl in IMPLS:
+        for impl in impls:
             if impl == "baseline" and i >= base_rounds: continue
             C.gc_collect(); r0 = C.rss_mb(); reset = C.reset_peak_rss()
             t = time.perf_counter(); res = call(impl); times[impl].append(time.perf_counter() - t)
             if reset: rss[impl].append(C.peak_rss_mb() - r0)
             out[impl] = res; res = None
-        print(f"   round {i + 1}/{rounds}: " + ", ".join(f"{k} {times[k][-1]:.3f} s" for k in IMPLS if len(times[k]) > i), flush=True)
+        print(f"   round {i + 1}/{rounds}: " + ", ".join(f"{k} {times[k][-1]:.3f} s" for k in impls if len(times[k]) > i), flush=True)
     nbytes = min_bytes(V, S, H, W)
     bound = bench.hw().get("bandwidth_gbps")
     valid = z["depth"] > 0
-    for impl in IMPLS:
+    for impl in impls:
         med = statistics.median(times[impl])
         mask = out[impl][0]
-        row = dict(op="cross-view check", impl=impl, kind={"baseline": "baseline", "eager": "torch eager", "compiled": "torch"}[impl],
+        row = dict(op="cross-view check", impl=impl, kind={"baseline": "baseline", "eager": "torch eager", "compiled": "torch.compile", "native": "C"}[impl],
                    views=V, num_src=S, hw=[H, W], size=f"{H}x{W}", threads=torch.get_num_threads(), device=dev,
                    times=times[impl], median_s=med, min_s=min(times[impl]), repeats=len(times[impl]), seconds=med,
                    rss_delta_mb=max(rss[impl]) if rss[impl] else None, bytes=nbytes, work=V, unit="views/s",
                    kept=float(mask.mean()), kept_of_valid=float(mask[valid].mean()))
         if impl == "compiled":
             row.update(first_call_s=first, compile_s=compile_s, compiled=compiled_ok)
+        if impl == "native":
+            row.update(first_call_s=first_native, compiled=native_ok)
         if bound: row["bound_s"] = nbytes / (bound * 1e9)
-        for other in IMPLS:
+        geps = bench.hw().get("gather_geps")
+        if geps:  # the check is made of gathers: four bilinear reads per checked (pixel, source) pair, at the probe's rate
+            row["gathers"] = 4 * int(((z["depth"] > 0) & (z["conf"] > 0.8)).sum()) * S
+            row["gather_bound_s"] = row["gathers"] / (geps * 1e9)
+            row["gather_frac"] = row["gather_bound_s"] / med
+        for other in impls:
             if other != impl: row[f"same_decisions_vs_{other}"] = float((out[other][0] == mask).mean())
         both = out["baseline"][0] & mask
         if impl != "baseline" and both.any():
@@ -207,7 +225,7 @@ def report(bench):
         b = next((x for x in rows if x["impl"] == "baseline" and x["size"] == r["size"] and x["views"] == r["views"]), None)
         if b is not None:
             r["speedup"] = b["median_s"] / r["median_s"]
-            # the ratio within each round (the three ran back to back): robust when the machine's load changes between rounds
+            # the ratio within each round (they ran back to back): robust when the machine's load changes between rounds
             r["speedup_per_round"] = [tb / t for tb, t in zip(b["times"], r["times"])]
             r["speedup_round_median"] = statistics.median(r["speedup_per_round"])
         e = next((x for x in rows if x["impl"] == "eager" and x["size"] == r["size"] and x["views"] == r["views"]), None)
@@ -216,26 +234,28 @@ def report(bench):
             r["speedup_vs_eager_round_median"] = statistics.median(te / t for te, t in zip(e["times"], r["times"]))
     cols = [("views", "views", ""), ("src", "num_src", ""), ("size", "size", ""), ("impl", "impl", ""),
             ("median s", "median_s", ".3f"), ("runs", "repeats", ""), ("first call s", "first_call_s", ".1f"),
-            ("bound s", "bound_s", ".3f"), ("bw frac", "bw_frac", ".3f"), ("RSS Δ MB", "rss_delta_mb", ".0f"),
+            ("bound s", "bound_s", ".3f"), ("bw frac", "bw_frac", ".3f"), ("gather bound s", "gather_bound_s", ".3f"), ("gather frac", "gather_frac", ".2f"), ("RSS Δ MB", "rss_delta_mb", ".0f"),
             ("kept", "kept_of_valid", ".3f"), ("same as baseline", "same_decisions_vs_baseline", ".5f"),
             ("same as eager", "same_decisions_vs_eager", ".5f"), ("vs eager", "speedup_vs_eager", ".2f"), ("speed-up", "speedup", ".1f"),
             ("per-round speed-up", "speedup_round_median", ".1f")]
     bench.table(cols, title="cross-view check, evaluation-fusion thresholds (speed-up: baseline median / median, same rounds)")
     summary, notes = [], []
-    mine = [r for r in rows if r["impl"] == "compiled"]
+    mine = [r for r in rows if r["impl"] == "native"] or [r for r in rows if r["impl"] == "compiled"]  # what mvsnb runs by default
     head = max(mine, key=lambda r: r["views"] * r["hw"][0] * r["hw"][1]) if mine else None
     if head is not None:
-        summary.append(dict(kernel="crossview", what=f"check {head['views']} views x {head['num_src']} sources {head['size']} (compiled)",
+        summary.append(dict(kernel="crossview", what=f"check {head['views']} views x {head['num_src']} sources {head['size']} ({head['impl']})",
                             mvsnb_s=head["median_s"], speedup=head.get("speedup"), speedup_vs_eager=head.get("speedup_vs_eager"),
                             speedup_round_median=head.get("speedup_round_median"), speedup_per_round=head.get("speedup_per_round"),
                             bw_frac=head.get("bw_frac"), bound_s=head.get("bound_s"), compile_s=head.get("compile_s"),
+                            gather_frac=head.get("gather_frac"), gather_bound_s=head.get("gather_bound_s"),
                             identical_decisions=head.get("same_decisions_vs_baseline"),
                             identical_decisions_vs_eager=head.get("same_decisions_vs_eager"),
                             target=">= 10x vs per-pair numpy, within 3x of the bandwidth bound, >= 99.9 % same decisions",
                             target_met=bool((head.get("speedup") or 0) >= 10 and (head.get("bw_frac") or 0) >= 1 / 3
                                             and (head.get("same_decisions_vs_baseline") or 0) >= 0.999)))
-        if not head.get("compiled"): notes.append("torch.compile was not available or failed: the 'compiled' rows ran the eager kernel")
-    notes.append("rounds alternate baseline / eager / compiled; the compiled median excludes its first call (compile), reported as 'first call s'; "
+        if not head.get("compiled"): notes.append(f"the {head['impl']} kernel was not available or failed: its rows ran the eager kernel")
+    notes.append("rounds alternate baseline / eager / compiled (torch.compile) / native (C, the CPU default); the compiled and native medians exclude "
+                 "their first call (compile or build), reported as 'first call s'; "
                  "'speed-up' is the ratio of the medians, 'per-round speed-up' the median of the ratios within each round")
     extra = {}
     if head is not None:  # the fields summary.py reads from this file
@@ -253,6 +273,7 @@ def main(argv=None):
     if "--cold-compile" in argv and "--case" not in argv:
         import tempfile
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mvsnb_inductor_")
+        os.environ["MVSNB_CACHE"] = tempfile.mkdtemp(prefix="mvsnb_cache_")  # the native kernel is built cold too
     return C.main("bench_crossview", __doc__, make_cases, run_case, report, extra_args=_extra, argv=argv)
 
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_crossview.ipynb #acbe9a9a
 from __future__ import annotations
-import json, math, time, warnings
+import ctypes, json, math, time, warnings
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from .core import InputError, ShapeError, check_shape, pixel_grid, pix_to_grid, valid_depth, atomic_dir
 from .camera import relative_pose, invert_pose, scale_intrinsics, camera_centers, check_camera
+from .native import build_native, parallel_map, pointer, NativeBuildError
 
 # %% auto #0
 __all__ = ['CROSSVIEW_PRESETS', 'CrossViewConfig', 'round_trip', 'consistent_sources', 'CrossViewResult', 'check_view',
@@ -35,8 +36,9 @@ class CrossViewConfig:
     max_batch_pixels: int = 1 << 18  # (pixel, source) pairs per batch; memory and speed only, results do not change
     skip_low_conf: bool = True  # do not check pixels that fail the confidence test (they cannot be kept; their count is 0)
     eps: float = 1e-6  # points with z <= eps are behind a camera
-    compile: bool|str = "auto"  # fused `torch.compile` kernel: True, False (eager), "auto" (when a call checks >= `compile_min_pairs` pairs); same decisions
-    compile_min_pairs: int = 1 << 27  # "auto" compiles from this many (pixel, source) pairs per call (49 views x 10 sources at 512x640); the first compile costs 20-90 s
+    compile: bool|str = "auto"  # fused kernel: True, False (eager torch), "auto" (CPU: the native kernel; torch.compile: calls of >= `compile_min_pairs` pairs); same decisions
+    compile_min_pairs: int = 1 << 27  # "auto" uses torch.compile from this many (pixel, source) pairs per call (49 views x 10 sources at 512x640); its first compile costs 20-90 s
+    native: bool = True  # on the CPU the fused kernel is mvsnb's C kernel (`mvsnb.native`, built in < 1 s, cached on disk); False: torch.compile's
 
     def __post_init__(self):
         if self.method not in ("roundtrip", "disparity"): raise InputError(f"must be 'roundtrip' or 'disparity', got {self.method!r}", field="method")
@@ -176,15 +178,16 @@ def consistent_sources(rt: dict, # output of `round_trip`
     return out.reshape(S, 1, h, W)
 
 # %% ../nbs/31_crossview.ipynb #26e72ce4
-def _fused_params(K_ref, w2c_ref, K_src, w2c_src, fb, dtype) -> Tensor: # (S,25)
-    "Per source: M_sr (9), b_sr (3) into framed source pixels, M_rs (9), b_rs (3) back from them, and f·b (1)."
-    Kr, Ks = K_ref.double()[None], K_src.double()
+def _fused_params(K_ref, w2c_ref, K_src, w2c_src, fb, dtype) -> Tensor: # (...,S,25)
+    """Per source: M_sr (9), b_sr (3) into framed source pixels, M_rs (9), b_rs (3) back from them, and f·b (1).
+    K_ref (...,3,3), w2c_ref (...,4,4) with K_src (...,S,3,3), w2c_src (...,S,4,4), fb (...,S): any batch of references."""
+    Kr, Ks = K_ref.double()[..., None, :, :], K_src.double()
     A = torch.eye(3, dtype=torch.float64, device=K_src.device)
     A[0, 2] = A[1, 2] = 1.0  # source pixel (u, v) is pixel (u + 1, v + 1) of the framed map (`_source_maps`)
-    T = relative_pose(w2c_src.double(), w2c_ref.double()[None]); Ti = invert_pose(T)
-    M_sr = A @ Ks @ T[:, :3, :3] @ torch.linalg.inv(Kr); b_sr = (A @ Ks @ T[:, :3, 3:])[..., 0]
-    M_rs = Kr @ Ti[:, :3, :3] @ torch.linalg.inv(Ks) @ torch.linalg.inv(A); b_rs = (Kr @ Ti[:, :3, 3:])[..., 0]
-    return torch.cat([M_sr.flatten(1), b_sr, M_rs.flatten(1), b_rs, fb.double()[:, None]], 1).to(dtype).contiguous()
+    T = relative_pose(w2c_src.double(), w2c_ref.double()[..., None, :, :]); Ti = invert_pose(T)
+    M_sr = A @ Ks @ T[..., :3, :3] @ torch.linalg.inv(Kr); b_sr = (A @ Ks @ T[..., :3, 3:])[..., 0]
+    M_rs = Kr @ Ti[..., :3, :3] @ torch.linalg.inv(Ks) @ torch.linalg.inv(A); b_rs = (Kr @ Ti[..., :3, 3:])[..., 0]
+    return torch.cat([M_sr.flatten(-2), b_sr, M_rs.flatten(-2), b_rs, fb.double()[..., None]], -1).to(dtype).contiguous()
 
 def _fused_pairs(d: Tensor, # (n,) reference depth of the checked pixels (any positive value at padding)
                  u: Tensor, # (n,) their column
@@ -287,6 +290,184 @@ def _accumulate_compiled(d_c, u_c, v_c, K_ref, w2c_ref, K_src, w2c_src, fb, maps
             if s0 == 0: count[blk], s1[blk], s2[blk] = c, a, b
             else: count[blk] += c; s1[blk] += a; s2[blk] += b
     return count[:n], s1[:n], s2[:n]
+
+# %% ../nbs/31_crossview.ipynb #06f25cc6
+_C_PAIRS = r"""
+/* Round trip of n reference pixels (depth d, column u, row v) against S sources; per pixel the count of consistent
+   sources and the sums of d' - D_r and (d' - D_r)^2. P: 25 numbers per source (`_fused_params`). */
+static __attribute__((noinline)) void pairs_SAMPLE(int64_t n, const float *restrict d, const float *restrict u,
+        const float *restrict v, const float *restrict maps, const int64_t *restrict offs, int64_t S,
+        const float *restrict P, const float *restrict th, int64_t Hp, int64_t Wp, int64_t roundtrip,
+        int32_t *restrict count, float *restrict s1, float *restrict s2) {
+    const float tau_r = th[0], tau_g = th[1], eps = th[2], tau_d = th[3], wpf = (float)Wp;
+    const float xmax = (float)(Wp - MARGIN), ymax = (float)(Hp - MARGIN);
+    const int32_t wp = (int32_t)Wp;
+    (void)wp;
+    for (int64_t i = 0; i < n; i++) { count[i] = 0; s1[i] = 0.f; s2[i] = 0.f; }
+    for (int64_t s = 0; s < S; s++) {
+        const float *p = P + 25 * s, *m = maps + offs[s];
+        const float p0 = p[0], p1 = p[1], p2 = p[2], p3 = p[3], p4 = p[4], p5 = p[5], p6 = p[6], p7 = p[7], p8 = p[8];
+        const float p9 = p[9], p10 = p[10], p11 = p[11], p12 = p[12], p13 = p[13], p14 = p[14], p15 = p[15];
+        const float p16 = p[16], p17 = p[17], p18 = p[18], p19 = p[19], p20 = p[20], p21 = p[21], p22 = p[22];
+        const float p23 = p[23], p24 = p[24];
+        if (s + 1 < S) {  /* prefetch where the next source will be read (every 4th pixel, rows y and y + 1): the
+                             maps do not fit in L1, and a gather's misses are not overlapped like a stream's */
+            const float *q = P + 25 * (s + 1), *mn = maps + offs[s + 1];
+            for (int64_t i = 0; i < n; i += 4) {
+                const float di = d[i], X = di * u[i], Y = di * v[i];
+                const float qz = q[6] * X + q[7] * Y + q[8] * di + q[11];
+                if (!(qz > eps)) continue;
+                const float x = (q[0] * X + q[1] * Y + q[2] * di + q[9]) / qz, y = (q[3] * X + q[4] * Y + q[5] * di + q[10]) / qz;
+                if (x >= 0.f && x <= xmax && y >= 0.f && y <= ymax) {
+                    const int64_t k = (int64_t)y * Wp + (int64_t)x;
+                    __builtin_prefetch(mn + k); __builtin_prefetch(mn + k + Wp);
+                }
+            }
+        }
+        #pragma GCC ivdep
+        for (int64_t i = 0; i < n; i++) {
+            const float di = d[i], ui = u[i], vi = v[i], X = di * ui, Y = di * vi;
+            const float qx = p0 * X + p1 * Y + p2 * di + p9;  /* z_s (x, y, 1) in framed source pixels */
+            const float qy = p3 * X + p4 * Y + p5 * di + p10;
+            const float qz = p6 * X + p7 * Y + p8 * di + p11;
+            const float zc = qz > eps ? qz : eps;
+            const float x = qx / zc, y = qy / zc;
+            SAMPLE_CODE
+            const float db = ds * (p18 * x + p19 * y + p20) + p23;  /* d' */
+            int ok = inb & (ds > eps) & (db > eps);  /* weight on a pixel without depth or on the frame: ds <= 0 */
+            if (roundtrip) {
+                const float du = ds * (p12 * x + p13 * y + p14) + p21 - ui * db;  /* d' (u' - u) */
+                const float dv = ds * (p15 * x + p16 * y + p17) + p22 - vi * db;
+                const float tol = tau_r * db;
+                ok = ok & (du * du + dv * dv < tol * tol) & (fabsf(db - di) < tau_g * di);
+            } else {
+                ok = ok & (p24 * fabsf(ds - qz) < tau_d * qz * ds);
+            }
+            const float delta = ok ? db - di : 0.f;
+            count[i] += ok; s1[i] += delta; s2[i] += delta * delta;
+        }
+    }
+}
+"""
+_C_BILINEAR = """/* bilinear: the four neighbours, all inside the framed map */
+            const float xt = rintf(x), yt = rintf(y);  /* floor without floorf, which gcc does not vectorise */
+            const float x0 = xt > x ? xt - 1.f : xt, y0 = yt > y ? yt - 1.f : yt;
+            const int inb = (x0 >= 0.f) & (x0 <= xmax) & (y0 >= 0.f) & (y0 <= ymax) & (qz > eps);
+            const int32_t k = (int32_t)(y0 * wpf + x0) & -inb;  /* 0 where not inside (the value there is discarded) */
+            const float ax = x - x0, ay = y - y0;
+            const float ds = ((1.f - ax) * (1.f - ay)) * m[k] + (ax * (1.f - ay)) * m[k + 1]
+                           + ((1.f - ax) * ay) * m[k + wp] + (ax * ay) * m[k + wp + 1];"""
+_C_NEAREST = """/* nearest: round half to even, as grid_sample */
+            const float xr = rintf(x), yr = rintf(y);
+            const int inb = (xr >= 0.f) & (xr <= xmax) & (yr >= 0.f) & (yr <= ymax) & (qz > eps);
+            const int32_t k = (int32_t)(yr * wpf + xr) & -inb;
+            const float ds = m[k];"""
+_C_ROWS = r"""
+#define BLK 1024
+/* The check of rows [r0, r1) of one reference view (width W): candidates (valid depth and, with conf_mode 1,
+   conf > tau_conf) are gathered a block at a time, checked against the S sources, and every pixel of the rows
+   gets its outputs (0 where not a candidate). stats: += valid pixels, kept pixels. */
+void mvsnb_crossview_rows(int64_t W, int64_t r0, int64_t r1, const float *restrict depth, const float *restrict conf,
+        float tau_conf, int64_t conf_mode, const float *restrict maps, const int64_t *restrict offs, int64_t S,
+        const float *restrict P, const float *restrict th, int64_t Hp, int64_t Wp, int64_t roundtrip, int64_t nearest,
+        int64_t need, float *restrict out_depth, float *restrict out_sigma, int16_t *restrict out_count,
+        uint8_t *restrict out_mask, int64_t *restrict stats) {
+    float bd[BLK], bu[BLK], bv[BLK], s1[BLK], s2[BLK];
+    int32_t cnt[BLK];
+    int64_t idx[BLK], n_valid = 0, n_kept = 0, row = r0, col = 0;
+    while (row < r1) {
+        int64_t n = 0;
+        while (row < r1 && n < BLK) {
+            const int64_t k = row * W + col;
+            const float dk = depth[k];
+            const int valid = (dk > 0.f) & (dk < INFINITY);  /* as `valid_depth`: NaN fails */
+            n_valid += valid;
+            out_depth[k] = 0.f; out_sigma[k] = 0.f; out_count[k] = 0; out_mask[k] = 0;
+            if (valid & (conf_mode != 1 || conf[k] > tau_conf)) { idx[n] = k; bd[n] = dk; bu[n] = (float)col; bv[n] = (float)row; n++; }
+            if (++col == W) { col = 0; row++; }
+        }
+        if (nearest) pairs_nearest(n, bd, bu, bv, maps, offs, S, P, th, Hp, Wp, roundtrip, cnt, s1, s2);
+        else pairs_bilinear(n, bd, bu, bv, maps, offs, S, P, th, Hp, Wp, roundtrip, cnt, s1, s2);
+        for (int64_t i = 0; i < n; i++) {  /* as `_check_compact`: mean and population spread over D_r and the d' */
+            const int64_t k = idx[i];
+            const float n1 = (float)(cnt[i] + 1), mean = s1[i] / n1, var = s2[i] / n1 - mean * mean;
+            const int keep = (cnt[i] >= need) & (conf_mode != 2 || conf[k] > tau_conf);
+            out_count[k] = (int16_t)cnt[i];
+            out_mask[k] = (uint8_t)keep;
+            out_depth[k] = keep ? bd[i] + mean : 0.f;
+            out_sigma[k] = keep ? sqrtf(var > 0.f ? var : 0.f) : 0.f;
+            n_kept += keep;
+        }
+    }
+    stats[0] += n_valid; stats[1] += n_kept;
+}
+"""
+_C_SOURCE = ("#include <math.h>\n#include <stdint.h>\n"
+             + _C_PAIRS.replace("SAMPLE_CODE", _C_BILINEAR).replace("SAMPLE", "bilinear").replace("MARGIN", "2")
+             + _C_PAIRS.replace("SAMPLE_CODE", _C_NEAREST).replace("SAMPLE", "nearest").replace("MARGIN", "1")
+             + _C_ROWS)
+
+_NATIVE: dict = {}  # "fn": the loaded kernel, or None once building it failed (warned once)
+
+def _native_kernel():
+    "The native kernel's entry point (built on first use), or None where it cannot be built."
+    if "fn" not in _NATIVE:
+        try:
+            fn = build_native("crossview", _C_SOURCE).mvsnb_crossview_rows
+            I, P = ctypes.c_int64, ctypes.c_void_p
+            fn.restype = None
+            fn.argtypes = [I, I, I, P, P, ctypes.c_float, I, P, P, I, P, P, I, I, I, I, I, P, P, P, P, P]
+            _NATIVE["fn"] = fn
+        except NativeBuildError as e:
+            _NATIVE["fn"] = None
+            warnings.warn(f"cross-view check: the native kernel could not be built ({str(e).strip().splitlines()[0][:200]}); "
+                          "using the torch kernels from now on")
+    return _NATIVE["fn"]
+
+def _use_native(cfg: CrossViewConfig, device, framed_pixels: int) -> bool:
+    "Whether `cross_view_check` runs the native kernel: on the CPU unless `compile=False` or `native=False`."
+    return (cfg.compile is not False and cfg.native and torch.device(device).type == "cpu"
+            and framed_pixels < (1 << 24) and _native_kernel() is not None)
+
+def _check_native(depths: Tensor, # (V,1,H,W) float32 contiguous
+                  confs: Tensor|None, # (V,1,H,W) float32 contiguous, or None
+                  K: Tensor, w2c: Tensor, # (V,3,3), (V,4,4)
+                  srcs: dict, # {ref: [src, ...]} from `_sources`
+                  todo: list, # reference views to check (distinct)
+                  maps: Tensor, # (V,1,H+2,W+2) framed source maps
+                  cfg: CrossViewConfig,
+                  out: CrossViewResult, # written in place: every pixel of the checked views
+                 ):
+    """`cross_view_check`'s loop on the native kernel: each (reference, band of rows) is one task on the thread
+    pool that writes its rows of the outputs and counts its valid and kept pixels."""
+    fn, (V, _, H, W) = _native_kernel(), depths.shape
+    S = max(len(srcs[v]) for v in todo)
+    ids = torch.tensor([srcs[v] + [srcs[v][0]] * (S - len(srcs[v])) for v in todo])  # (R,S); padding is never read
+    refs = torch.tensor(todo)
+    baseline = (camera_centers(w2c[ids].double()) - camera_centers(w2c[refs].double())[:, None]).norm(dim=-1)
+    prm = _fused_params(K[refs], w2c[refs], K[ids], w2c[ids], K[ids][..., 0, 0].double() * baseline, torch.float32)  # R,S,25
+    offs = (ids * maps[0].numel()).to(torch.int64).contiguous()
+    th = torch.tensor([cfg.tau_reproj, cfg.tau_geo, cfg.eps, cfg.tau_disp], dtype=torch.float32)
+    conf_mode = 0 if confs is None else (1 if cfg.skip_low_conf else 2)  # 1: only confident pixels are candidates
+    band = max(1, -(-H // (4 * torch.get_num_threads())))  # four bands per thread, so that the load balances
+    starts = list(range(0, H, band))
+    stats = torch.zeros(len(todo), len(starts), 2, dtype=torch.int64)
+    f32, hw = torch.float32, H * W
+    p_d, p_c, p_m = pointer(depths, f32), 0 if confs is None else pointer(confs, f32), pointer(maps, f32)
+    p_od, p_os = pointer(out.depth, f32), pointer(out.sigma, f32)
+    p_oc, p_om = pointer(out.count, torch.int16), pointer(out.mask, torch.bool)
+    p_prm, p_offs, p_th, p_st = pointer(prm, f32), pointer(offs, torch.int64), pointer(th, f32), pointer(stats, torch.int64)
+    def task(job):
+        i, j = job
+        v, r0, n_src = todo[i], starts[j], len(srcs[todo[i]])
+        fn(W, r0, min(H, r0 + band), p_d + 4 * v * hw, p_c + 4 * v * hw if p_c else None, cfg.tau_conf, conf_mode,
+           p_m, p_offs + 8 * i * S, n_src, p_prm + 4 * 25 * i * S, p_th, H + 2, W + 2, int(cfg.method == "roundtrip"),
+           int(cfg.sample_mode == "nearest"), cfg.required_views(n_src), p_od + 4 * v * hw, p_os + 4 * v * hw,
+           p_oc + 2 * v * hw, p_om + v * hw, p_st + 16 * (i * len(starts) + j))
+    parallel_map(task, [(i, j) for i in range(len(todo)) for j in range(len(starts))])
+    st = stats.sum(1)
+    out.kept_fraction[refs] = (st[:, 1] / st[:, 0].clamp(min=1)).to(out.kept_fraction.dtype)
+    for v in todo: out.required_views[v] = cfg.required_views(len(srcs[v]))
 
 # %% ../nbs/31_crossview.ipynb #f81e3a1b
 @dataclass(repr=False)
@@ -436,18 +617,24 @@ def cross_view_check(depths: Tensor, # (V,1,H,W) z-depth per view; 0/NaN = none
     V, valid = _validate(depths, confs, K, w2c)
     srcs = _sources(pairs, V, cfg)
     dev = depths.device
-    depths = depths.float(); K = K.to(dev, torch.float32); w2c = w2c.to(dev, torch.float32)
-    confs = None if confs is None else confs.to(dev, torch.float32)
-    out = CrossViewResult(torch.zeros_like(depths), torch.zeros_like(depths), torch.zeros(depths.shape, dtype=torch.int16, device=dev),
-                          torch.zeros(depths.shape, dtype=torch.bool, device=dev), depths.new_zeros(V), [0] * V, cfg)
+    depths = depths.float().contiguous(); K = K.to(dev, torch.float32); w2c = w2c.to(dev, torch.float32)
+    confs = None if confs is None else confs.to(dev, torch.float32).contiguous()
+    todo = list(dict.fromkeys(range(V) if views is None else views))
+    for v in todo:
+        if not 0 <= v < V: raise InputError(f"view {v} is not one of the {V} views", field="views")
+    native = _use_native(cfg, dev, (depths.shape[2] + 2) * (depths.shape[3] + 2))
+    new = torch.empty if native and len(todo) == V else torch.zeros  # the native kernel writes every pixel of a checked view
+    out = CrossViewResult(new(depths.shape, device=dev), new(depths.shape, device=dev), new(depths.shape, dtype=torch.int16, device=dev),
+                          new(depths.shape, dtype=torch.bool, device=dev), depths.new_zeros(V), [0] * V, cfg)
     maps = depths.new_full((V, 1, depths.shape[2] + 2, depths.shape[3] + 2), _INVALID)  # as `_source_maps`, prepared once
     maps[:, :, 1:-1, 1:-1] = torch.where(valid, depths, _INVALID)
-    todo = list(range(V) if views is None else views)
+    if native:
+        if todo: _check_native(depths, confs, K, w2c, srcs, todo, maps, cfg, out)
+        return out
     if cfg.compile == "auto":  # decide once for the whole call: compile when the work pays for it
         work = sum(len(srcs.get(v, ())) for v in todo) * depths.shape[2] * depths.shape[3]
         cfg = replace(cfg, compile=_want_compiled(cfg, work, dev))
     for v in todo:
-        if not 0 <= v < V: raise InputError(f"view {v} is not one of the {V} views", field="views")
         ids = torch.tensor(srcs[v], device=dev)
         o = _check_compact(depths[v:v + 1], None if confs is None else confs[v:v + 1], K[v], w2c[v], None, K[ids], w2c[ids], cfg, maps, ids)
         idx = (o["idx"],)  # scattered straight into the outputs

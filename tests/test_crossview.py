@@ -1,6 +1,7 @@
 """mvsnb.crossview: the batched round-trip check against a per-pixel Python loop, ground truth passes and
 perturbations fail, chunking changes nothing, the on-disk MVSNet layout, and bad input."""
 import json, math, warnings
+from dataclasses import replace
 import numpy as np
 import pytest
 import torch
@@ -108,9 +109,16 @@ def loop_check(depths, confs, K, w2c, pairs, cfg):
                                  CrossViewConfig(min_views=1, tau_reproj=0.3, sample_mode="nearest"),
                                  CrossViewConfig(min_views=1, tau_conf=0.5, skip_low_conf=False)],
                          ids=["eval_1view", "2views", "kdmvs_release", "selfsup_cvp", "nearest", "no_skip"])
-def test_feature_matches_per_pixel_loop(tiny, cfg):
+@pytest.mark.parametrize("kernel", ["native", "eager"])
+def test_feature_matches_per_pixel_loop(tiny, cfg, kernel):
+    "Both CPU kernels (the native C one and eager torch) against the brute-force float64 loop: identical decisions."
+    import mvsnb.crossview as cv
     sc, d, conf = tiny
-    res = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg)
+    cfg = replace(cfg, compile=kernel == "native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no silent fallback from the native kernel
+        res = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg)
+    assert cv._use_native(cfg, "cpu", 18 * 14) == (kernel == "native")
     ref_d, ref_s, ref_n, ref_m = loop_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg)
     assert 0.05 < ref_m.mean() < 0.95, ref_m.mean()  # a test that can fail: some kept, some rejected
     np.testing.assert_array_equal(res.count[:, 0].numpy(), ref_n)
@@ -210,7 +218,7 @@ def test_feature_num_src_and_presets(scene):
 
 def test_feature_check_view_matches_batched(tiny):
     sc, d, conf = tiny
-    cfg = CrossViewConfig(min_views=1)
+    cfg = CrossViewConfig(min_views=1, compile=False)  # check_view runs the torch kernels: compare like with like
     res = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, cfg)
     v = 1; ids = [s for s, _ in dict(sc.pairs)[v]]
     one = check_view(d[v:v + 1], conf[v:v + 1], sc.K[v], sc.w2c[v], d[ids], sc.K[ids], sc.w2c[ids], cfg)
@@ -221,7 +229,7 @@ def test_feature_check_view_matches_batched(tiny):
 
 
 # ---------------------------------------------------------------- the compiled kernel
-def with_compile(cfg, value): return CrossViewConfig(**{**cfg.__dict__, "compile": value})
+def with_compile(cfg, value): return CrossViewConfig(**{**cfg.__dict__, "compile": value, "native": False})  # torch.compile's kernel
 
 
 @pytest.mark.slow  # three torch.compile runs (roundtrip/bilinear, disparity/nearest, roundtrip/nearest): ~5-15 s each
@@ -250,7 +258,7 @@ def test_feature_compiled_matches_per_pixel_loop_and_eager(tiny, scene, cfg):
     cn = torch.rand(dn.shape, generator=g)
     small = dict(max_batch_pixels=2 * 300, src_chunk=2)  # 4 sources in 2 batches, chunks of 256 pixels
     e = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, CrossViewConfig(**{**cfg.__dict__, "compile": False, **small}))
-    c = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, CrossViewConfig(**{**cfg.__dict__, "compile": True, **small}))
+    c = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, CrossViewConfig(**{**cfg.__dict__, "compile": True, "native": False, **small}))
     assert 0.05 < e.mask.float().mean() < 0.95
     assert (e.mask != c.mask).float().mean() <= 1e-3 and (e.count != c.count).float().mean() <= 1e-3
     both = e.mask & c.mask
@@ -270,6 +278,7 @@ def test_feature_compile_fallback_and_auto(tiny, monkeypatch):
     monkeypatch.setattr(cv, "_COMPILED", {"cpu": broken})
     cfg = CrossViewConfig(min_views=1, tau_conf=0.3)
     eager = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, with_compile(cfg, False))
+    cfg = replace(cfg, native=False)  # this test is about torch.compile's kernel
     big = CrossViewConfig(**{**cfg.__dict__, "compile": "auto", "compile_min_pairs": 10 ** 9})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -284,6 +293,62 @@ def test_feature_compile_fallback_and_auto(tiny, monkeypatch):
         r = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, with_compile(cfg, True))
     assert len(calls) == 1 and torch.equal(r.mask, eager.mask)
     with pytest.raises(InputError, match=r"\[compile\]"): CrossViewConfig(compile="yes")
+
+
+# ---------------------------------------------------------------- the native kernel
+@pytest.mark.parametrize("cfg", [CrossViewConfig(min_views=2, tau_geo=0.008, tau_conf=0.1), CrossViewConfig.preset("selfsup_cvp", min_views=1),
+                                 CrossViewConfig(min_views=1, tau_reproj=0.3, sample_mode="nearest", skip_low_conf=False)],
+                         ids=["roundtrip_bilinear", "disparity_nearest", "roundtrip_nearest_noskip"])
+def test_feature_native_matches_eager_on_noisy_scene(scene, cfg):
+    "The native kernel against eager torch on 5 views 48x64 with noise: decisions to float32 rounding, any thread count."
+    g = torch.Generator().manual_seed(5)
+    dn = scene.depth * (1 + 0.004 * torch.randn(scene.depth.shape, generator=g))
+    dn[1, 0, 10:14, 20:30] = float("nan"); dn[2, 0, :3] = 0  # holes
+    cn = torch.rand(dn.shape, generator=g)
+    e = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, replace(cfg, compile=False))
+    n = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, replace(cfg, compile=True))
+    assert 0.05 < e.mask.float().mean() < 0.95
+    assert (e.mask != n.mask).float().mean() <= 1e-3 and (e.count != n.count).float().mean() <= 1e-3
+    both = e.mask & n.mask
+    torch.testing.assert_close(n.depth[both], e.depth[both], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(n.sigma[both], e.sigma[both], rtol=1e-2, atol=1e-5)
+    assert not n.depth[~n.mask].any() and not n.sigma[~n.mask].any()  # zeros where not kept, not leftovers
+    torch.testing.assert_close(n.kept_fraction, e.kept_fraction, rtol=0, atol=1e-3)
+    assert n.required_views == e.required_views
+    # threads split the rows: the result does not depend on how many
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1); one = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, replace(cfg, compile=True))
+        torch.set_num_threads(3); three = cross_view_check(dn, cn, scene.K, scene.w2c, scene.pairs, replace(cfg, compile=True))
+    finally: torch.set_num_threads(before)
+    for a in (one, three):
+        assert torch.equal(a.mask, n.mask) and torch.equal(a.count, n.count) and torch.equal(a.depth, n.depth)
+    # a subset of views (the others come back empty), strided input, a view listed twice
+    strided = dn.transpose(2, 3).contiguous().transpose(2, 3)
+    sub = cross_view_check(strided, cn, scene.K, scene.w2c, scene.pairs, replace(cfg, compile=True), views=[3, 1, 3])
+    assert torch.equal(sub.mask[[1, 3]], n.mask[[1, 3]]) and torch.equal(sub.depth[[1, 3]], n.depth[[1, 3]])
+    assert not sub.mask[[0, 2, 4]].any() and not sub.count[[0, 2, 4]].any() and (sub.kept_fraction[[0, 2, 4]] == 0).all()
+
+
+def test_feature_native_fallback(tiny, monkeypatch):
+    "Without a C compiler the native kernel warns once and the torch kernels give the result."
+    import mvsnb.crossview as cv
+    from mvsnb.native import NativeBuildError
+    sc, d, conf = tiny
+    calls = []
+    def no_compiler(*a, **k):
+        calls.append(1); raise NativeBuildError("no C compiler found (simulated)")
+    monkeypatch.setattr(cv, "_NATIVE", {}); monkeypatch.setattr(cv, "build_native", no_compiler)
+    cfg = CrossViewConfig(min_views=1, tau_conf=0.3)
+    eager = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, replace(cfg, compile=False))
+    assert not calls  # compile=False never builds
+    with pytest.warns(UserWarning, match="native kernel could not be built.*simulated"):
+        r = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, replace(cfg, compile_min_pairs=10 ** 9))
+    assert torch.equal(r.mask, eager.mask) and torch.equal(r.depth, eager.depth) and len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        r = cross_view_check(d, conf, sc.K, sc.w2c, sc.pairs, replace(cfg, compile_min_pairs=10 ** 9))
+    assert len(calls) == 1 and torch.equal(r.mask, eager.mask)
 
 
 # ---------------------------------------------------------------- bad input
