@@ -192,6 +192,8 @@ def run_case(spec, bench):
     nbytes = min_bytes(V, S, H, W)
     bound = bench.hw().get("bandwidth_gbps")
     valid = z["depth"] > 0
+    geps = bench.hw().get("gather_geps")  # the check is made of gathers: four bilinear reads per checked (pixel, source) pair
+    gathers = 4 * int((valid & (z["conf"] > 0.8)).sum()) * S
     for impl in impls:
         med = statistics.median(times[impl])
         mask = out[impl][0]
@@ -205,10 +207,9 @@ def run_case(spec, bench):
         if impl == "native":
             row.update(first_call_s=first_native, compiled=native_ok)
         if bound: row["bound_s"] = nbytes / (bound * 1e9)
-        geps = bench.hw().get("gather_geps")
-        if geps:  # the check is made of gathers: four bilinear reads per checked (pixel, source) pair, at the probe's rate
-            row["gathers"] = 4 * int(((z["depth"] > 0) & (z["conf"] > 0.8)).sum()) * S
-            row["gather_bound_s"] = row["gathers"] / (geps * 1e9)
+        if geps:
+            row["gathers"] = gathers
+            row["gather_bound_s"] = gathers / (geps * 1e9)
             row["gather_frac"] = row["gather_bound_s"] / med
         for other in impls:
             if other != impl: row[f"same_decisions_vs_{other}"] = float((out[other][0] == mask).mean())

@@ -178,6 +178,14 @@ def consistent_sources(rt: dict, # output of `round_trip`
     return out.reshape(S, 1, h, W)
 
 # %% ../nbs/31_crossview.ipynb #26e72ce4
+def _focal_baseline(K_src: Tensor, # (...,S,3,3)
+                    w2c_src: Tensor, # (...,S,4,4)
+                    w2c_ref: Tensor, # (...,4,4)
+                   ) -> Tensor: # (...,S) float64: f_src · |C_src − C_ref|, for method="disparity"
+    "Source focal length times the camera-centre distance to the reference, for any batch of references."
+    baseline = (camera_centers(w2c_src.double()) - camera_centers(w2c_ref.double())[..., None, :]).norm(dim=-1)
+    return K_src[..., 0, 0].double() * baseline
+
 def _fused_params(K_ref, w2c_ref, K_src, w2c_src, fb, dtype) -> Tensor: # (...,S,25)
     """Per source: M_sr (9), b_sr (3) into framed source pixels, M_rs (9), b_rs (3) back from them, and f·b (1).
     K_ref (...,3,3), w2c_ref (...,4,4) with K_src (...,S,3,3), w2c_src (...,S,4,4), fb (...,S): any batch of references."""
@@ -444,8 +452,7 @@ def _check_native(depths: Tensor, # (V,1,H,W) float32 contiguous
     S = max(len(srcs[v]) for v in todo)
     ids = torch.tensor([srcs[v] + [srcs[v][0]] * (S - len(srcs[v])) for v in todo])  # (R,S); padding is never read
     refs = torch.tensor(todo)
-    baseline = (camera_centers(w2c[ids].double()) - camera_centers(w2c[refs].double())[:, None]).norm(dim=-1)
-    prm = _fused_params(K[refs], w2c[refs], K[ids], w2c[ids], K[ids][..., 0, 0].double() * baseline, torch.float32)  # R,S,25
+    prm = _fused_params(K[refs], w2c[refs], K[ids], w2c[ids], _focal_baseline(K[ids], w2c[ids], w2c[refs]), torch.float32)  # R,S,25
     offs = (ids * maps[0].numel()).to(torch.int64).contiguous()
     th = torch.tensor([cfg.tau_reproj, cfg.tau_geo, cfg.eps, cfg.tau_disp], dtype=torch.float32)
     conf_mode = 0 if confs is None else (1 if cfg.skip_low_conf else 2)  # 1: only confident pixels are candidates
@@ -507,8 +514,7 @@ def _check_compact(depth_ref: Tensor, # (1,1,H,W) reference z-depth; 0/NaN = non
     idx = cand.nonzero()[:, 0]  # the pixels that can be kept, checked in chunks of `chunk`
     d_c = depth_ref.reshape(N)[idx]
     u_c, v_c = (idx % W).to(dt), torch.div(idx, W, rounding_mode="floor").to(dt)
-    baseline = (camera_centers(w2c_src.double()) - camera_centers(w2c_ref.double())[None]).norm(dim=-1)
-    fb = (K_src[:, 0, 0].double() * baseline).to(dt)  # focal · baseline (method="disparity")
+    fb = _focal_baseline(K_src, w2c_src, w2c_ref).to(dt)  # focal · baseline (method="disparity")
     chunk = max(1, cfg.max_batch_pixels // sc)
     # the compiled kernel forms map indices in float32: exact for framed maps below 2^24 pixels (5000x3300)
     use_compiled = _want_compiled(cfg, len(idx) * S, dev) and src_maps[0].numel() < (1 << 24)
